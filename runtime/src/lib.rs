@@ -1,0 +1,14 @@
+//! The lean CLIP-AGIQA runtime: what other services embed to score images. It never links
+//! libtorch.
+//!
+//! It is also the single home of what training and serving must agree on — image
+//! preprocessing ([`preprocess`]), correlation metrics ([`metrics`]) and the model-metadata
+//! schema ([`metadata`]) — so the trainer depends on this crate (without its ONNX Runtime
+//! parts, feature `onnx`) rather than keeping copies that could drift.
+
+pub mod metadata;
+pub mod metrics;
+pub mod preprocess;
+
+#[cfg(feature = "onnx")]
+pub mod onnxruntime;

@@ -1,0 +1,190 @@
+//! The model-metadata schema: what a checkpoint (trainer) and an exported graph (exporter) say
+//! about themselves, and what the runtime reads back to preprocess and label scores. One
+//! definition, so that the three stages cannot disagree on a field.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::Correlations;
+use crate::preprocess::Preprocessing;
+
+/// Version of this schema; bumped on any incompatible change.
+pub const METADATA_FORMAT_VERSION: u32 = 1;
+
+/// Prefix of every key this project writes into ONNX `metadata_props`.
+pub const METADATA_KEY_PREFIX: &str = "agiqa.";
+
+/// What a score means: its dimension and scale.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScoreScale {
+    /// Quality dimension, e.g. `quality`, `alignment`, `authenticity`, `correspondence`.
+    pub dimension: String,
+    /// Lowest and highest MOS of the training data's scale (AGIQA-3K: 0–5, AIGCIQA2023: 0–100).
+    pub min: f64,
+    pub max: f64,
+    /// Always true for MOS; kept explicit because users ask which direction is better.
+    pub higher_is_better: bool,
+}
+
+/// One output head of a model (one score per image).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HeadInfo {
+    /// Name of the score, unique within a model (e.g. `quality`).
+    pub name: String,
+    pub scale: ScoreScale,
+    /// Dataset the head was trained on, e.g. `agiqa3k`.
+    pub dataset: String,
+    /// Evaluation protocol that produced `metrics` (e.g. `paper-reference-split`, `val-selected`).
+    pub protocol: Option<String>,
+    pub metrics: Option<Correlations>,
+    /// SHA-256 of the checkpoint the head came from.
+    pub checkpoint_sha256: Option<String>,
+}
+
+/// Everything a consumer of a trained or exported model needs to know about it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelMetadata {
+    pub format_version: u32,
+    /// CLIP backbone, e.g. `ViT-B/16`, `RN101`.
+    pub backbone: String,
+    /// Quality categories of the prompts, in order (e.g. terrible … perfect).
+    pub categories: Vec<String>,
+    /// Number of learned context tokens.
+    pub context_len: usize,
+    pub preprocessing: Preprocessing,
+    pub heads: Vec<HeadInfo>,
+    /// SHA-256 of the CLIP weights the model was built on.
+    pub clip_weights_sha256: Option<String>,
+}
+
+/// Why metadata could not be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum MetadataError {
+    #[error("model metadata has no '{0}' entry; was it exported by this project?")]
+    Missing(String),
+    #[error("model metadata '{key}' is invalid: {reason}")]
+    Invalid { key: String, reason: String },
+    #[error("model metadata format {found} is newer than this runtime understands ({supported}); upgrade the runtime")]
+    UnsupportedVersion { found: u32, supported: u32 },
+}
+
+impl ModelMetadata {
+    /// Flattens to string key/value pairs (ONNX `metadata_props`), one JSON value per field.
+    pub fn to_props(&self) -> BTreeMap<String, String> {
+        let mut props = BTreeMap::new();
+        let mut put = |key: &str, value: String| {
+            props.insert(format!("{METADATA_KEY_PREFIX}{key}"), value);
+        };
+        put("format_version", self.format_version.to_string());
+        put("backbone", self.backbone.clone());
+        put("categories", to_json(&self.categories));
+        put("context_len", self.context_len.to_string());
+        put("preprocessing", to_json(&self.preprocessing));
+        put("heads", to_json(&self.heads));
+        if let Some(hash) = &self.clip_weights_sha256 {
+            put("clip_weights_sha256", hash.clone());
+        }
+        props
+    }
+
+    /// Reads back what [`ModelMetadata::to_props`] wrote.
+    pub fn from_props(props: &BTreeMap<String, String>) -> Result<Self, MetadataError> {
+        let get = |key: &str| {
+            props
+                .get(&format!("{METADATA_KEY_PREFIX}{key}"))
+                .ok_or_else(|| MetadataError::Missing(format!("{METADATA_KEY_PREFIX}{key}")))
+        };
+        let invalid = |key: &str, reason: String| MetadataError::Invalid {
+            key: format!("{METADATA_KEY_PREFIX}{key}"),
+            reason,
+        };
+        let format_version: u32 = get("format_version")?
+            .parse()
+            .map_err(|e: std::num::ParseIntError| invalid("format_version", e.to_string()))?;
+        if format_version > METADATA_FORMAT_VERSION {
+            return Err(MetadataError::UnsupportedVersion {
+                found: format_version,
+                supported: METADATA_FORMAT_VERSION,
+            });
+        }
+        fn parse<T: serde::de::DeserializeOwned>(
+            raw: &str,
+            key: &str,
+            invalid: &dyn Fn(&str, String) -> MetadataError,
+        ) -> Result<T, MetadataError> {
+            serde_json::from_str(raw).map_err(|e| invalid(key, e.to_string()))
+        }
+        Ok(ModelMetadata {
+            format_version,
+            backbone: get("backbone")?.clone(),
+            categories: parse(get("categories")?, "categories", &invalid)?,
+            context_len: get("context_len")?
+                .parse()
+                .map_err(|e: std::num::ParseIntError| invalid("context_len", e.to_string()))?,
+            preprocessing: parse(get("preprocessing")?, "preprocessing", &invalid)?,
+            heads: parse(get("heads")?, "heads", &invalid)?,
+            clip_weights_sha256: props
+                .get(&format!("{METADATA_KEY_PREFIX}clip_weights_sha256"))
+                .cloned(),
+        })
+    }
+}
+
+/// Serialises a schema field; plain data structs with string keys cannot fail to serialise.
+fn to_json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> ModelMetadata {
+        ModelMetadata {
+            format_version: METADATA_FORMAT_VERSION,
+            backbone: "ViT-B/16".into(),
+            categories: ["terrible", "bad", "poor", "average", "good", "perfect"]
+                .map(String::from)
+                .to_vec(),
+            context_len: 16,
+            preprocessing: Preprocessing::default(),
+            heads: vec![HeadInfo {
+                name: "quality".into(),
+                scale: ScoreScale {
+                    dimension: "quality".into(),
+                    min: 0.0,
+                    max: 5.0,
+                    higher_is_better: true,
+                },
+                dataset: "agiqa3k".into(),
+                protocol: Some("paper-reference-split".into()),
+                metrics: None,
+                checkpoint_sha256: Some("ab".repeat(32)),
+            }],
+            clip_weights_sha256: Some("cd".repeat(32)),
+        }
+    }
+
+    #[test]
+    fn props_round_trip() {
+        let meta = sample();
+        let props = meta.to_props();
+        assert!(props.keys().all(|k| k.starts_with(METADATA_KEY_PREFIX)));
+        assert_eq!(ModelMetadata::from_props(&props).unwrap(), meta);
+    }
+
+    #[test]
+    fn missing_and_future_versions_are_clear_errors() {
+        let mut props = sample().to_props();
+        props.remove("agiqa.preprocessing");
+        let err = ModelMetadata::from_props(&props).unwrap_err();
+        assert!(err.to_string().contains("agiqa.preprocessing"), "{err}");
+        let mut props = sample().to_props();
+        props.insert("agiqa.format_version".into(), "99".into());
+        assert!(matches!(
+            ModelMetadata::from_props(&props),
+            Err(MetadataError::UnsupportedVersion { found: 99, .. })
+        ));
+    }
+}

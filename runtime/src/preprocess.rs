@@ -1,0 +1,557 @@
+//! The one image preprocessing shared by training and serving.
+//!
+//! Reference: OpenAI CLIP / the authors' test transform, i.e. PIL decode → RGB → torchvision
+//! `Resize(224, BICUBIC)` (shorter side, PIL's antialiased bicubic) → `CenterCrop(224)` →
+//! `ToTensor()` → `Normalize(CLIP mean, std)`. Both the trainer and the runtime call into this
+//! module, so the pixels a model was trained on and the pixels it is served can never drift.
+//!
+//! Conversion to RGB, stated once (PIL's `convert("RGB")` differs on some of these):
+//! - EXIF orientation is applied first (PIL does not do this by itself; phones rely on it);
+//! - alpha is composited over **white** (`c·a + 255·(1−a)`, rounded), not dropped;
+//! - 16-bit samples are scaled to 8 bits as `round(v / 257)` (PIL clips 16-bit grey to 255);
+//! - grey is replicated, palettes are expanded, CMYK/YCCK JPEGs are converted by the decoder;
+//! - animated images contribute their first frame.
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+
+use fast_image_resize::images::{Image, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use serde::{Deserialize, Serialize};
+
+/// CLIP's per-channel mean, in `[0, 1]` units (RGB).
+pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+/// CLIP's per-channel standard deviation, in `[0, 1]` units (RGB).
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+
+/// How the image is resized before cropping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResizeMode {
+    /// Shorter side to `image_size`, aspect ratio kept (torchvision `Resize(int)`).
+    ShorterSide,
+}
+
+/// Resampling filter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Interpolation {
+    /// Pillow's BICUBIC (Catmull-Rom, a = −0.5) with antialiasing when downscaling.
+    Bicubic,
+}
+
+/// How the square model input is cut from the resized image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CropMode {
+    /// torchvision `CenterCrop`: offset `round((resized - size) / 2)`.
+    Center,
+}
+
+/// Background that transparent pixels are composited over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlphaBackground {
+    White,
+    Black,
+}
+
+impl AlphaBackground {
+    fn value(self) -> f32 {
+        match self {
+            AlphaBackground::White => 255.0,
+            AlphaBackground::Black => 0.0,
+        }
+    }
+}
+
+/// The complete preprocessing contract of a model. It is stored in checkpoints and in exported
+/// ONNX metadata, so a served model always preprocesses exactly as it was trained.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Preprocessing {
+    /// Side of the square model input, in pixels.
+    pub image_size: u32,
+    pub resize: ResizeMode,
+    pub interpolation: Interpolation,
+    pub crop: CropMode,
+    /// Per-channel mean subtracted after scaling to `[0, 1]` (RGB order).
+    pub mean: [f32; 3],
+    /// Per-channel standard deviation divided by after the mean (RGB order).
+    pub std: [f32; 3],
+    pub alpha_background: AlphaBackground,
+}
+
+impl Default for Preprocessing {
+    /// OpenAI CLIP's 224-pixel preprocessing (ViT-B/16, ViT-B/32, RN50, RN101).
+    fn default() -> Self {
+        Preprocessing::clip(224)
+    }
+}
+
+impl Preprocessing {
+    /// CLIP's preprocessing for a model of `image_size` pixels.
+    pub fn clip(image_size: u32) -> Self {
+        Preprocessing {
+            image_size,
+            resize: ResizeMode::ShorterSide,
+            interpolation: Interpolation::Bicubic,
+            crop: CropMode::Center,
+            mean: CLIP_MEAN,
+            std: CLIP_STD,
+            alpha_background: AlphaBackground::White,
+        }
+    }
+
+    /// Number of `f32` values of one preprocessed image: `3 · size · size`.
+    pub fn tensor_len(&self) -> usize {
+        3 * self.image_size as usize * self.image_size as usize
+    }
+}
+
+/// Limits that protect a decoder from hostile input (decompression bombs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecodeLimits {
+    /// Largest accepted width or height, in pixels.
+    pub max_side: u32,
+    /// Largest accepted `width · height`.
+    pub max_pixels: u64,
+}
+
+impl Default for DecodeLimits {
+    /// 16384 pixels a side and 100 megapixels: far above any generated image, far below what
+    /// would exhaust memory (100 MP of RGBA16 is 800 MB).
+    fn default() -> Self {
+        DecodeLimits {
+            max_side: 16_384,
+            max_pixels: 100_000_000,
+        }
+    }
+}
+
+/// Why an image could not be turned into a model input.
+#[derive(Debug, thiserror::Error)]
+pub enum PreprocessError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("empty input (0 bytes)")]
+    Empty,
+    #[error("not a recognised image format (supported: JPEG, PNG, GIF, WebP, BMP, TIFF)")]
+    UnknownFormat,
+    #[error("unsupported image: {0}")]
+    Unsupported(String),
+    #[error("corrupt or truncated image: {0}")]
+    Corrupt(String),
+    #[error("image is {width}x{height}, over the limit of {max_side} pixels a side or {max_pixels} pixels")]
+    TooLarge {
+        width: u32,
+        height: u32,
+        max_side: u32,
+        max_pixels: u64,
+    },
+    #[error("image has a zero dimension ({width}x{height})")]
+    ZeroSized { width: u32, height: u32 },
+    #[error("{path}: {source}")]
+    InFile {
+        path: PathBuf,
+        source: Box<PreprocessError>,
+    },
+}
+
+impl PreprocessError {
+    /// Attaches the file the error came from.
+    pub fn in_file(self, path: &Path) -> Self {
+        match self {
+            e @ (PreprocessError::Read { .. } | PreprocessError::InFile { .. }) => e,
+            e => PreprocessError::InFile {
+                path: path.to_path_buf(),
+                source: Box::new(e),
+            },
+        }
+    }
+}
+
+fn classify(err: image::ImageError) -> PreprocessError {
+    use image::error::ImageError as E;
+    match err {
+        E::Unsupported(e) => match e.kind() {
+            image::error::UnsupportedErrorKind::Format(image::error::ImageFormatHint::Unknown) => {
+                PreprocessError::UnknownFormat
+            }
+            _ => PreprocessError::Unsupported(e.to_string()),
+        },
+        E::Decoding(e) => PreprocessError::Corrupt(e.to_string()),
+        E::IoError(e) => PreprocessError::Corrupt(e.to_string()),
+        E::Limits(e) => PreprocessError::Unsupported(format!("decoder limit: {e}")),
+        E::Parameter(e) => PreprocessError::Corrupt(e.to_string()),
+        E::Encoding(e) => PreprocessError::Corrupt(e.to_string()),
+    }
+}
+
+/// Decodes an encoded image (JPEG, PNG, GIF, WebP, BMP, TIFF) into 8-bit RGB, applying EXIF
+/// orientation and the conversion rules in the module documentation.
+pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, PreprocessError> {
+    if bytes.is_empty() {
+        return Err(PreprocessError::Empty);
+    }
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| PreprocessError::Corrupt(e.to_string()))?;
+    if reader.format().is_none() {
+        return Err(PreprocessError::UnknownFormat);
+    }
+    let mut decoder = reader.into_decoder().map_err(classify)?;
+    let (width, height) = decoder.dimensions();
+    check_dimensions(width, height, limits)?;
+    let mut decoder_limits = image::Limits::default();
+    decoder_limits.max_image_width = Some(limits.max_side);
+    decoder_limits.max_image_height = Some(limits.max_side);
+    // Room for the largest pixel type we accept (RGBA, 16 bits a channel) plus slack.
+    decoder_limits.max_alloc = Some(limits.max_pixels.saturating_mul(8).saturating_add(1 << 20));
+    decoder.set_limits(decoder_limits).map_err(classify)?;
+    // A broken EXIF block must not cost the image: orientation falls back to "as stored".
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut image = DynamicImage::from_decoder(decoder).map_err(classify)?;
+    image.apply_orientation(orientation);
+    Ok(to_rgb8(image, AlphaBackground::White))
+}
+
+/// Reads and decodes an image file; errors name the file.
+pub fn decode_image_file(path: &Path, limits: &DecodeLimits) -> Result<RgbImage, PreprocessError> {
+    let bytes = std::fs::read(path).map_err(|source| PreprocessError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    decode_image(&bytes, limits).map_err(|e| e.in_file(path))
+}
+
+fn check_dimensions(width: u32, height: u32, limits: &DecodeLimits) -> Result<(), PreprocessError> {
+    if width == 0 || height == 0 {
+        return Err(PreprocessError::ZeroSized { width, height });
+    }
+    if width > limits.max_side
+        || height > limits.max_side
+        || u64::from(width) * u64::from(height) > limits.max_pixels
+    {
+        return Err(PreprocessError::TooLarge {
+            width,
+            height,
+            max_side: limits.max_side,
+            max_pixels: limits.max_pixels,
+        });
+    }
+    Ok(())
+}
+
+/// Converts any decoded image to 8-bit RGB with the documented rules.
+pub fn to_rgb8(image: DynamicImage, background: AlphaBackground) -> RgbImage {
+    let bg = background.value();
+    let over = |c: f32, a: f32| (c * a + bg * (1.0 - a)).round().clamp(0.0, 255.0) as u8;
+    let scale16 = |v: u16| ((u32::from(v) + 128) / 257) as u8;
+    let (w, h) = (image.width(), image.height());
+    match image {
+        DynamicImage::ImageRgb8(img) => img,
+        DynamicImage::ImageLuma8(img) => {
+            RgbImage::from_fn(w, h, |x, y| image::Rgb([img.get_pixel(x, y)[0]; 3]))
+        }
+        DynamicImage::ImageLuma16(img) => RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([scale16(img.get_pixel(x, y)[0]); 3])
+        }),
+        DynamicImage::ImageRgb16(img) => RgbImage::from_fn(w, h, |x, y| {
+            let p = img.get_pixel(x, y).0;
+            image::Rgb([scale16(p[0]), scale16(p[1]), scale16(p[2])])
+        }),
+        DynamicImage::ImageRgba8(img) => RgbImage::from_fn(w, h, |x, y| {
+            let [r, g, b, a] = img.get_pixel(x, y).0;
+            let a = f32::from(a) / 255.0;
+            image::Rgb([
+                over(f32::from(r), a),
+                over(f32::from(g), a),
+                over(f32::from(b), a),
+            ])
+        }),
+        DynamicImage::ImageLumaA8(img) => RgbImage::from_fn(w, h, |x, y| {
+            let [l, a] = img.get_pixel(x, y).0;
+            image::Rgb([over(f32::from(l), f32::from(a) / 255.0); 3])
+        }),
+        DynamicImage::ImageRgba16(img) => RgbImage::from_fn(w, h, |x, y| {
+            let [r, g, b, a] = img.get_pixel(x, y).0;
+            let a = f32::from(a) / 65535.0;
+            let c = |v: u16| over(f32::from(v) / 257.0, a);
+            image::Rgb([c(r), c(g), c(b)])
+        }),
+        DynamicImage::ImageLumaA16(img) => RgbImage::from_fn(w, h, |x, y| {
+            let [l, a] = img.get_pixel(x, y).0;
+            image::Rgb([over(f32::from(l) / 257.0, f32::from(a) / 65535.0); 3])
+        }),
+        // Float images (TIFF, OpenEXR) and anything newer: the library's own conversion, which
+        // clamps to [0, 1]; alpha is composited first.
+        other => {
+            if other.color().has_alpha() {
+                let rgba = other.to_rgba32f();
+                RgbImage::from_fn(w, h, |x, y| {
+                    let [r, g, b, a] = rgba.get_pixel(x, y).0;
+                    let c = |v: f32| over(v.clamp(0.0, 1.0) * 255.0, a.clamp(0.0, 1.0));
+                    image::Rgb([c(r), c(g), c(b)])
+                })
+            } else {
+                other.to_rgb8()
+            }
+        }
+    }
+}
+
+/// Resized size `(width, height)` and crop offset `(left, top)` of torchvision's
+/// `Resize(size)` + `CenterCrop(size)` for an image of `width × height`.
+pub fn resize_geometry(width: u32, height: u32, size: u32) -> ((u32, u32), (u32, u32)) {
+    // torchvision: the shorter side becomes `size`, the longer `int(size * long / short)`.
+    let (short, long) = if width <= height {
+        (width, height)
+    } else {
+        (height, width)
+    };
+    let new_long = (u64::from(size) * u64::from(long) / u64::from(short)) as u32;
+    let (rw, rh) = if width <= height {
+        (size, new_long)
+    } else {
+        (new_long, size)
+    };
+    // CenterCrop: int(round((resized - size) / 2)), Python's round half to even.
+    let offset = |resized: u32| -> u32 {
+        if resized <= size {
+            0
+        } else {
+            (f64::from(resized - size) / 2.0).round_ties_even() as u32
+        }
+    };
+    ((rw, rh), (offset(rw), offset(rh)))
+}
+
+/// Preprocesses decoded images into model inputs. Cheap to clone; one per worker thread.
+#[derive(Clone, Debug)]
+pub struct Preprocessor {
+    config: Preprocessing,
+    /// `(v / 255 − mean) / std` for every 8-bit value, per channel: the exact float32
+    /// arithmetic of torchvision's `ToTensor` + `Normalize`, looked up instead of recomputed.
+    lut: Box<[[f32; 256]; 3]>,
+}
+
+impl Preprocessor {
+    pub fn new(config: Preprocessing) -> Self {
+        let mut lut = Box::new([[0f32; 256]; 3]);
+        for (c, table) in lut.iter_mut().enumerate() {
+            for (v, out) in table.iter_mut().enumerate() {
+                *out = (v as f32 / 255.0 - config.mean[c]) / config.std[c];
+            }
+        }
+        Preprocessor { config, lut }
+    }
+
+    pub fn config(&self) -> &Preprocessing {
+        &self.config
+    }
+
+    /// Resizes the shorter side to `image_size` (Pillow-compatible bicubic) and centre-crops
+    /// to a square, in one resampling pass: the `image_size × image_size` 8-bit RGB input.
+    pub fn resize_and_crop(&self, image: &RgbImage) -> Result<RgbImage, PreprocessError> {
+        let size = self.config.image_size;
+        let (w, h) = image.dimensions();
+        if w == 0 || h == 0 {
+            return Err(PreprocessError::ZeroSized {
+                width: w,
+                height: h,
+            });
+        }
+        let ((rw, rh), (left, top)) = resize_geometry(w, h, size);
+        // Cropping the source box that maps onto the crop window is the same computation as
+        // resizing the whole image then cropping: identical sample positions and filter scale.
+        let (sx, sy) = (f64::from(w) / f64::from(rw), f64::from(h) / f64::from(rh));
+        let src = ImageRef::new(w, h, image.as_raw(), PixelType::U8x3)
+            .map_err(|e| PreprocessError::Unsupported(e.to_string()))?;
+        let mut dst = Image::new(size, size, PixelType::U8x3);
+        let options = ResizeOptions::new()
+            .resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom))
+            .crop(
+                f64::from(left) * sx,
+                f64::from(top) * sy,
+                f64::from(size.min(rw)) * sx,
+                f64::from(size.min(rh)) * sy,
+            );
+        Resizer::new()
+            .resize(&src, &mut dst, &options)
+            .map_err(|e| PreprocessError::Unsupported(format!("resize failed: {e}")))?;
+        RgbImage::from_raw(size, size, dst.into_vec())
+            .ok_or_else(|| PreprocessError::Unsupported("resize produced a short buffer".into()))
+    }
+
+    /// Writes the normalised `[3, size, size]` (CHW, RGB) tensor of a `size × size` image into
+    /// `out`, which must hold exactly [`Preprocessing::tensor_len`] values.
+    pub fn normalize_into(&self, square: &RgbImage, out: &mut [f32]) {
+        let plane = (square.width() * square.height()) as usize;
+        assert_eq!(
+            out.len(),
+            3 * plane,
+            "output buffer must hold 3 x H x W values"
+        );
+        let (r, rest) = out.split_at_mut(plane);
+        let (g, b) = rest.split_at_mut(plane);
+        for (i, px) in square.as_raw().chunks_exact(3).enumerate() {
+            r[i] = self.lut[0][px[0] as usize];
+            g[i] = self.lut[1][px[1] as usize];
+            b[i] = self.lut[2][px[2] as usize];
+        }
+    }
+
+    /// Decoded image → normalised `[3, size, size]` tensor written into `out`.
+    pub fn preprocess_into(
+        &self,
+        image: &RgbImage,
+        out: &mut [f32],
+    ) -> Result<(), PreprocessError> {
+        let square = self.resize_and_crop(image)?;
+        self.normalize_into(&square, out);
+        Ok(())
+    }
+
+    /// Decoded image → normalised `[3, size, size]` tensor.
+    pub fn preprocess(&self, image: &RgbImage) -> Result<Vec<f32>, PreprocessError> {
+        let mut out = vec![0f32; self.config.tensor_len()];
+        self.preprocess_into(image, &mut out)?;
+        Ok(out)
+    }
+
+    /// Image file → normalised `[3, size, size]` tensor; errors name the file.
+    pub fn preprocess_file(
+        &self,
+        path: &Path,
+        limits: &DecodeLimits,
+    ) -> Result<Vec<f32>, PreprocessError> {
+        let image = decode_image_file(path, limits)?;
+        self.preprocess(&image).map_err(|e| e.in_file(path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn geometry_matches_torchvision() {
+        // torchvision Resize(224) on 320x240 -> (298, 224); CenterCrop offset round(74/2) = 37.
+        assert_eq!(resize_geometry(320, 240, 224), ((298, 224), (37, 0)));
+        // 200x300 -> (224, 336), top = 56.
+        assert_eq!(resize_geometry(200, 300, 224), ((224, 336), (0, 56)));
+        // Odd difference rounds half to even: 225 -> offset round(0.5) = 0.
+        assert_eq!(resize_geometry(225, 224, 224), ((225, 224), (0, 0)));
+        assert_eq!(resize_geometry(227, 224, 224), ((227, 224), (2, 0)));
+        // Upscaling a small image.
+        assert_eq!(resize_geometry(100, 80, 224), ((280, 224), (28, 0)));
+    }
+
+    #[test]
+    fn normalisation_is_torchvision_arithmetic() {
+        let p = Preprocessor::new(Preprocessing::default());
+        let img = RgbImage::from_pixel(224, 224, image::Rgb([0, 128, 255]));
+        let mut out = vec![0f32; p.config().tensor_len()];
+        p.normalize_into(&img, &mut out);
+        let plane = 224 * 224;
+        assert_eq!(out[0], (0.0 / 255.0 - CLIP_MEAN[0]) / CLIP_STD[0]);
+        assert_eq!(out[plane], (128.0 / 255.0 - CLIP_MEAN[1]) / CLIP_STD[1]);
+        assert_eq!(out[2 * plane + 5], (1.0 - CLIP_MEAN[2]) / CLIP_STD[2]);
+    }
+
+    #[test]
+    fn uniform_image_stays_uniform() {
+        let p = Preprocessor::new(Preprocessing::default());
+        let img = RgbImage::from_pixel(500, 300, image::Rgb([10, 200, 90]));
+        let square = p.resize_and_crop(&img).unwrap();
+        assert_eq!(square.dimensions(), (224, 224));
+        assert!(square.pixels().all(|px| px.0 == [10, 200, 90]));
+    }
+
+    #[test]
+    fn alpha_is_composited_over_white() {
+        let rgba = image::RgbaImage::from_pixel(2, 2, image::Rgba([0, 0, 0, 0]));
+        let rgb = to_rgb8(DynamicImage::ImageRgba8(rgba), AlphaBackground::White);
+        assert_eq!(rgb.get_pixel(0, 0).0, [255, 255, 255]);
+        let half = image::RgbaImage::from_pixel(1, 1, image::Rgba([100, 0, 255, 128]));
+        let rgb = to_rgb8(DynamicImage::ImageRgba8(half), AlphaBackground::White);
+        let a = 128.0f32 / 255.0;
+        let expect = |c: f32| (c * a + 255.0 * (1.0 - a)).round() as u8;
+        assert_eq!(
+            rgb.get_pixel(0, 0).0,
+            [expect(100.0), expect(0.0), expect(255.0)]
+        );
+    }
+
+    #[test]
+    fn sixteen_bit_scales_by_257() {
+        let img =
+            image::ImageBuffer::<image::Luma<u16>, _>::from_raw(3, 1, vec![0u16, 65535, 32896])
+                .unwrap();
+        let rgb = to_rgb8(DynamicImage::ImageLuma16(img), AlphaBackground::White);
+        assert_eq!(rgb.get_pixel(0, 0).0, [0; 3]);
+        assert_eq!(rgb.get_pixel(1, 0).0, [255; 3]);
+        assert_eq!(rgb.get_pixel(2, 0).0, [128; 3]);
+    }
+
+    #[test]
+    fn bad_input_is_an_error_not_a_panic() {
+        let limits = DecodeLimits::default();
+        assert!(matches!(
+            decode_image(&[], &limits),
+            Err(PreprocessError::Empty)
+        ));
+        assert!(matches!(
+            decode_image(b"definitely not an image", &limits),
+            Err(PreprocessError::UnknownFormat)
+        ));
+        // A PNG signature followed by garbage.
+        let mut broken = b"\x89PNG\r\n\x1a\n".to_vec();
+        broken.extend_from_slice(&[0u8; 40]);
+        let err = decode_image(&broken, &limits).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PreprocessError::Corrupt(_) | PreprocessError::Unsupported(_)
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn oversized_images_are_refused_before_decoding() {
+        let mut png = Vec::new();
+        RgbImage::new(64, 64)
+            .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        let tight = DecodeLimits {
+            max_side: 32,
+            max_pixels: 1 << 20,
+        };
+        let err = decode_image(&png, &tight).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PreprocessError::TooLarge {
+                    width: 64,
+                    height: 64,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn file_errors_name_the_file() {
+        let err = decode_image_file(Path::new("/nonexistent/cat.jpg"), &DecodeLimits::default())
+            .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/cat.jpg"), "{err}");
+    }
+}

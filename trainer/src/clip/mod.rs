@@ -1,0 +1,1 @@
+//! OpenAI CLIP in tch (placeholder: being written).

@@ -1,0 +1,7 @@
+//! CLIP-AGIQA training stack on tch (libtorch): the CLIP model, weight loading and tokenizer.
+//!
+//! Shared with serving (and therefore kept out of this crate): image preprocessing, metrics and
+//! the model-metadata schema live in `agiqa_runtime`, so training and serving cannot drift.
+
+pub mod clip;
+pub mod weights;

@@ -1,0 +1,1 @@
+//! CLIP weight loading (placeholder: being written).
