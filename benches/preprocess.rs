@@ -13,7 +13,11 @@ use image::{imageops, RgbImage};
 
 fn test_image() -> RgbImage {
     RgbImage::from_fn(1024, 768, |x, y| {
-        image::Rgb([(x * 7 % 256) as u8, (y * 3 % 256) as u8, ((x ^ y) % 256) as u8])
+        image::Rgb([
+            (x * 7 % 256) as u8,
+            (y * 3 % 256) as u8,
+            ((x ^ y) % 256) as u8,
+        ])
     })
 }
 
@@ -50,7 +54,10 @@ fn main() {
     criterion.final_summary();
 
     let budget = Duration::from_secs(2);
-    let ours = per_second(|| drop(black_box(preprocessor.resize_and_crop(&image))), budget);
+    let ours = per_second(
+        || drop(black_box(preprocessor.resize_and_crop(&image))),
+        budget,
+    );
     let base = per_second(|| drop(black_box(baseline(&image))), budget);
     println!(
         "resize+crop 1024x768 -> 224: agiqa {ours:.0} img/s, baseline image::imageops {base:.0} img/s, ratio {:.2}x",

@@ -41,13 +41,21 @@ fn every_fixture_is_within_one_level_of_pil() {
         .map(|e| e.unwrap().path())
         .collect();
     inputs.sort();
-    assert!(inputs.len() >= 10, "expected the full fixture set, found {}", inputs.len());
+    assert!(
+        inputs.len() >= 10,
+        "expected the full fixture set, found {}",
+        inputs.len()
+    );
     let mut failures = Vec::new();
     for input in &inputs {
         let (max, mean) = compare(input);
-        println!("{:<24} max |diff| = {max} / 255, mean = {mean:.4} / 255", input.file_name().unwrap().to_string_lossy());
-        if max > 1 {
-            failures.push(format!("{}: max diff {max}", input.display()));
+        println!(
+            "{:<24} max |diff| = {max} / 255, mean = {mean:.4} / 255",
+            input.file_name().unwrap().to_string_lossy()
+        );
+        // Measured: 0 on every fixture (JPEGs are decoded by libjpeg-turbo's code, as in PIL).
+        if max > 1 || mean > 0.01 {
+            failures.push(format!("{}: max diff {max}, mean {mean}", input.display()));
         }
     }
     assert!(failures.is_empty(), "over 1/255: {failures:?}");
@@ -56,7 +64,8 @@ fn every_fixture_is_within_one_level_of_pil() {
 /// The normalised tensor equals torchvision's `ToTensor` + `Normalize` output.
 #[test]
 fn normalised_tensor_matches_torchvision() {
-    let bytes = std::fs::read(fixtures().join("expected/normalized_photo_q90.safetensors")).unwrap();
+    let bytes =
+        std::fs::read(fixtures().join("expected/normalized_photo_q90.safetensors")).unwrap();
     let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let (_, view) = tensors.tensors().into_iter().next().expect("one tensor");
     assert_eq!(view.shape(), &[3, 224, 224]);
@@ -66,7 +75,10 @@ fn normalised_tensor_matches_torchvision() {
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
     let ours = Preprocessor::new(Preprocessing::default())
-        .preprocess_file(&fixtures().join("inputs/photo_q90.jpg"), &DecodeLimits::default())
+        .preprocess_file(
+            &fixtures().join("inputs/photo_q90.jpg"),
+            &DecodeLimits::default(),
+        )
         .unwrap();
     let max = ours
         .iter()

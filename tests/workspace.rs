@@ -33,8 +33,14 @@ fn runtime_dependency_tree_is_free_of_libtorch() {
         String::from_utf8_lossy(&output.stderr)
     );
     let tree = String::from_utf8_lossy(&output.stdout);
-    assert!(tree.contains("agiqa-runtime"), "unexpected cargo tree output:\n{tree}");
-    assert!(tree.contains("ort v"), "the runtime should depend on ort:\n{tree}");
+    assert!(
+        tree.contains("agiqa-runtime"),
+        "unexpected cargo tree output:\n{tree}"
+    );
+    assert!(
+        tree.contains("ort v"),
+        "the runtime should depend on ort:\n{tree}"
+    );
     for forbidden in ["tch v", "torch-sys v"] {
         assert!(
             !tree.lines().any(|l| l.starts_with(forbidden)),
@@ -56,7 +62,12 @@ fn readme_commands_exist_and_ci_runs_the_test_command() {
     assert!(first_block.contains("scripts/test"), "{first_block}");
     let ci = std::fs::read_to_string(root.join(".ci/run")).expect(".ci/run");
     assert!(ci.contains("scripts/test"), "{ci}");
-    for script in ["scripts/setup", "scripts/test", "scripts/demo", "scripts/make-fixtures"] {
+    for script in [
+        "scripts/setup",
+        "scripts/test",
+        "scripts/demo",
+        "scripts/make-fixtures",
+    ] {
         assert!(root.join(script).is_file(), "{script} is missing");
     }
 }

@@ -6,9 +6,11 @@
 //! schema ([`metadata`]) — so the trainer depends on this crate (without its ONNX Runtime
 //! parts, feature `onnx`) rather than keeping copies that could drift.
 
+pub mod jpeg;
 pub mod metadata;
 pub mod metrics;
 pub mod preprocess;
+pub mod resample;
 
 #[cfg(feature = "onnx")]
 pub mod onnxruntime;

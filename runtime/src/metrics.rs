@@ -252,10 +252,11 @@ fn solve4(mut a: [[f64; 4]; 4], mut b: [f64; 4]) -> Option<[f64; 4]> {
         }
         a.swap(col, pivot);
         b.swap(col, pivot);
+        let pivot_row = a[col];
         for row in (col + 1)..4 {
-            let factor = a[row][col] / a[col][col];
-            for k in col..4 {
-                a[row][k] -= factor * a[col][k];
+            let factor = a[row][col] / pivot_row[col];
+            for (value, pivot_value) in a[row].iter_mut().zip(pivot_row).skip(col) {
+                *value -= factor * pivot_value;
             }
             b[row] -= factor * b[col];
         }

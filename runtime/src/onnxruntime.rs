@@ -61,10 +61,9 @@ pub fn candidate_paths(explicit: Option<&Path>) -> Vec<PathBuf> {
 pub fn locate_library(explicit: Option<&Path>) -> Result<PathBuf, OrtLibraryError> {
     let from_env = std::env::var_os(ORT_DYLIB_ENV).filter(|v| !v.is_empty());
     // An explicit choice that does not exist is a mistake to report, not to paper over.
-    for chosen in explicit
+    if let Some(chosen) = explicit
         .map(Path::to_path_buf)
-        .into_iter()
-        .chain(from_env.map(PathBuf::from))
+        .or(from_env.map(PathBuf::from))
     {
         if !chosen.is_file() {
             return Err(OrtLibraryError::ExplicitMissing { path: chosen });

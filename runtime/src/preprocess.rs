@@ -9,20 +9,23 @@
 //! - EXIF orientation is applied first (PIL does not do this by itself; phones rely on it);
 //! - alpha is composited over **white** (`c·a + 255·(1−a)`, rounded), not dropped;
 //! - 16-bit samples are scaled to 8 bits as `round(v / 257)` (PIL clips 16-bit grey to 255);
-//! - grey is replicated, palettes are expanded, CMYK/YCCK JPEGs are converted by the decoder;
+//! - grey is replicated, palettes are expanded, CMYK/YCCK JPEGs convert as Pillow converts them;
+//! - JPEGs are decoded by libjpeg-turbo's code, as Pillow decodes them ([`crate::jpeg`]);
 //! - animated images contribute their first frame.
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
-use fast_image_resize::images::{Image, ImageRef};
-use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
 use serde::{Deserialize, Serialize};
+
+use crate::resample::resize_bicubic_window;
 
 /// CLIP's per-channel mean, in `[0, 1]` units (RGB).
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 /// CLIP's per-channel standard deviation, in `[0, 1]` units (RGB).
+// Written digit for digit as in the reference code, so a reader can compare them.
+#[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 /// How the image is resized before cropping.
@@ -37,7 +40,7 @@ pub enum ResizeMode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Interpolation {
-    /// Pillow's BICUBIC (Catmull-Rom, a = −0.5) with antialiasing when downscaling.
+    /// Pillow's BICUBIC (a = −0.5, kernel widened when downscaling), bit-exact.
     Bicubic,
 }
 
@@ -197,6 +200,12 @@ pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Pre
     if bytes.is_empty() {
         return Err(PreprocessError::Empty);
     }
+    if crate::jpeg::is_jpeg(bytes) {
+        let decoded = crate::jpeg::decode_jpeg(bytes, limits)?;
+        let mut image = DynamicImage::ImageRgb8(decoded.image);
+        image.apply_orientation(decoded.orientation);
+        return Ok(image.into_rgb8());
+    }
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| PreprocessError::Corrupt(e.to_string()))?;
@@ -230,7 +239,11 @@ pub fn decode_image_file(path: &Path, limits: &DecodeLimits) -> Result<RgbImage,
     decode_image(&bytes, limits).map_err(|e| e.in_file(path))
 }
 
-fn check_dimensions(width: u32, height: u32, limits: &DecodeLimits) -> Result<(), PreprocessError> {
+pub(crate) fn check_dimensions(
+    width: u32,
+    height: u32,
+    limits: &DecodeLimits,
+) -> Result<(), PreprocessError> {
     if width == 0 || height == 0 {
         return Err(PreprocessError::ZeroSized { width, height });
     }
@@ -356,8 +369,8 @@ impl Preprocessor {
         &self.config
     }
 
-    /// Resizes the shorter side to `image_size` (Pillow-compatible bicubic) and centre-crops
-    /// to a square, in one resampling pass: the `image_size × image_size` 8-bit RGB input.
+    /// Resizes the shorter side to `image_size` (Pillow's bicubic, see [`crate::resample`]) and
+    /// centre-crops to a square: the `image_size × image_size` 8-bit RGB model input.
     pub fn resize_and_crop(&self, image: &RgbImage) -> Result<RgbImage, PreprocessError> {
         let size = self.config.image_size;
         let (w, h) = image.dimensions();
@@ -368,25 +381,12 @@ impl Preprocessor {
             });
         }
         let ((rw, rh), (left, top)) = resize_geometry(w, h, size);
-        // Cropping the source box that maps onto the crop window is the same computation as
-        // resizing the whole image then cropping: identical sample positions and filter scale.
-        let (sx, sy) = (f64::from(w) / f64::from(rw), f64::from(h) / f64::from(rh));
-        let src = ImageRef::new(w, h, image.as_raw(), PixelType::U8x3)
-            .map_err(|e| PreprocessError::Unsupported(e.to_string()))?;
-        let mut dst = Image::new(size, size, PixelType::U8x3);
-        let options = ResizeOptions::new()
-            .resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom))
-            .crop(
-                f64::from(left) * sx,
-                f64::from(top) * sy,
-                f64::from(size.min(rw)) * sx,
-                f64::from(size.min(rh)) * sy,
-            );
-        Resizer::new()
-            .resize(&src, &mut dst, &options)
-            .map_err(|e| PreprocessError::Unsupported(format!("resize failed: {e}")))?;
-        RgbImage::from_raw(size, size, dst.into_vec())
-            .ok_or_else(|| PreprocessError::Unsupported("resize produced a short buffer".into()))
+        // Only the crop window of the resized image is computed.
+        Ok(resize_bicubic_window(
+            image,
+            (rw, rh),
+            (left, top, size.min(rw), size.min(rh)),
+        ))
     }
 
     /// Writes the normalised `[3, size, size]` (CHW, RGB) tensor of a `size × size` image into

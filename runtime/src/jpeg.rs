@@ -1,0 +1,206 @@
+//! JPEG decoding with libjpeg-turbo's code (through `mozjpeg`), as Pillow decodes it.
+//!
+//! Pillow — hence every CLIP and CLIP-AGIQA training run — decodes JPEG with libjpeg-turbo
+//! (integer "islow" IDCT, fancy chroma upsampling). Pure-Rust decoders use other IDCTs and
+//! differ by up to 4 levels per pixel; libjpeg's own code gives Pillow's pixels exactly.
+//! CMYK/YCCK files are converted with Pillow's formula; like Pillow, CMYK samples are taken as
+//! Adobe-inverted (what Photoshop and libjpeg-based writers store).
+
+use std::os::raw::c_int;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use image::metadata::Orientation;
+use image::RgbImage;
+use mozjpeg::{Decompress, Format};
+use mozjpeg_sys::{jpeg_common_struct, jpeg_error_mgr, jpeg_std_error, JWRN_JPEG_EOF};
+
+use crate::preprocess::{DecodeLimits, PreprocessError};
+
+/// A decoded JPEG and the EXIF orientation it asks for.
+pub struct DecodedJpeg {
+    pub image: RgbImage,
+    pub orientation: Orientation,
+}
+
+/// Fatal libjpeg errors unwind (the `unwinding` build of libjpeg is compiled for that) and are
+/// caught below; the message is formatted by libjpeg itself.
+unsafe extern "C-unwind" fn error_exit(cinfo: &mut jpeg_common_struct) {
+    std::panic::resume_unwind(Box::new(format_message(cinfo)));
+}
+
+/// Warnings are ignored as Pillow ignores them, except premature end of data: Pillow refuses
+/// truncated files ("image file is truncated") rather than returning grey rows.
+unsafe extern "C-unwind" fn emit_message(cinfo: &mut jpeg_common_struct, level: c_int) {
+    // SAFETY: libjpeg always calls with `err` pointing at the manager installed below.
+    let code = unsafe { cinfo.err.as_ref() }.map_or(0, |e| e.msg_code);
+    if level < 0 && code == JWRN_JPEG_EOF as c_int {
+        std::panic::resume_unwind(Box::new(
+            "truncated: premature end of JPEG data".to_string(),
+        ));
+    }
+}
+
+fn format_message(cinfo: &mut jpeg_common_struct) -> String {
+    // SAFETY: as above; `format_message` writes at most JMSG_LENGTH_MAX (200) bytes.
+    unsafe {
+        let Some(err) = cinfo.err.as_ref() else {
+            return "libjpeg error".into();
+        };
+        let code = err.msg_code;
+        match err.format_message {
+            Some(format) => {
+                let mut buffer = [0u8; 200];
+                let format: unsafe extern "C-unwind" fn(&mut jpeg_common_struct, &mut [u8; 200]) =
+                    std::mem::transmute(format);
+                format(cinfo, &mut buffer);
+                let end = buffer.iter().position(|&b| b == 0).unwrap_or(buffer.len());
+                String::from_utf8_lossy(&buffer[..end]).into_owned()
+            }
+            None => format!("libjpeg error code {code}"),
+        }
+    }
+}
+
+fn error_manager() -> jpeg_error_mgr {
+    // SAFETY: jpeg_std_error fills every field of a zeroed manager.
+    let mut err: jpeg_error_mgr = unsafe { std::mem::zeroed() };
+    unsafe { jpeg_std_error(&mut err) };
+    err.error_exit = Some(error_exit);
+    err.emit_message = Some(emit_message);
+    err
+}
+
+/// True for the JPEG signature `FF D8 FF`.
+pub fn is_jpeg(bytes: &[u8]) -> bool {
+    bytes.starts_with(&[0xFF, 0xD8, 0xFF])
+}
+
+/// Decodes a JPEG into 8-bit RGB exactly as Pillow's `Image.open(...).convert("RGB")` does.
+pub fn decode_jpeg(bytes: &[u8], limits: &DecodeLimits) -> Result<DecodedJpeg, PreprocessError> {
+    let result = catch_unwind(AssertUnwindSafe(|| decode_inner(bytes, limits)));
+    match result {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "libjpeg failed".into());
+            Err(PreprocessError::Corrupt(message))
+        }
+    }
+}
+
+fn decode_inner(bytes: &[u8], limits: &DecodeLimits) -> Result<DecodedJpeg, PreprocessError> {
+    let io = |e: std::io::Error| PreprocessError::Corrupt(e.to_string());
+    let markers = [mozjpeg::Marker::APP(1)];
+    let decompress = Decompress::builder()
+        .with_err(error_manager())
+        .with_markers(&markers)
+        .from_mem(bytes)
+        .map_err(io)?;
+    let (width, height) = decompress.size();
+    crate::preprocess::check_dimensions(width as u32, height as u32, limits)?;
+    let mut orientation = Orientation::NoTransforms;
+    for marker in decompress.markers() {
+        match marker.marker {
+            mozjpeg::Marker::APP(1) if marker.data.starts_with(b"Exif\0\0") => {
+                if let Some(o) = Orientation::from_exif_chunk(&marker.data[6..]) {
+                    orientation = o;
+                }
+            }
+            _ => {}
+        }
+    }
+    let (w, h) = (width as u32, height as u32);
+    let image = match decompress.image().map_err(io)? {
+        Format::RGB(mut started) => {
+            let data = started.read_scanlines::<u8>().map_err(io)?;
+            started.finish().map_err(io)?;
+            RgbImage::from_raw(w, h, data)
+        }
+        Format::Gray(mut started) => {
+            let data = started.read_scanlines::<u8>().map_err(io)?;
+            started.finish().map_err(io)?;
+            RgbImage::from_raw(w, h, data.iter().flat_map(|&v| [v, v, v]).collect())
+        }
+        Format::CMYK(mut started) => {
+            let data = started.read_scanlines::<u8>().map_err(io)?;
+            started.finish().map_err(io)?;
+            RgbImage::from_raw(w, h, cmyk_to_rgb(&data))
+        }
+    };
+    let image = image.ok_or_else(|| {
+        PreprocessError::Corrupt("JPEG has fewer rows than its header says".into())
+    })?;
+    Ok(DecodedJpeg { image, orientation })
+}
+
+/// Pillow's JPEG reader (`CMYK;I`, inverted samples) followed by its `cmyk2rgb`:
+/// `c' = k' − c·k'/255` with `k' = 255 − k`, using its rounding division.
+fn cmyk_to_rgb(stored: &[u8]) -> Vec<u8> {
+    let muldiv255 = |a: i32, b: i32| {
+        let t = a * b + 128;
+        ((t >> 8) + t) >> 8
+    };
+    let mut out = Vec::with_capacity(stored.len() / 4 * 3);
+    for px in stored.chunks_exact(4) {
+        let v = |i: usize| 255 - i32::from(px[i]);
+        let nk = 255 - v(3);
+        for c in 0..3 {
+            out.push((nk - muldiv255(v(c), nk)).clamp(0, 255) as u8);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encode(width: u32, height: u32) -> Vec<u8> {
+        let img = RgbImage::from_fn(width, height, |x, y| {
+            image::Rgb([(x * 9) as u8, (y * 5) as u8, 77])
+        });
+        let mut bytes = Vec::new();
+        img.write_with_encoder(image::codecs::jpeg::JpegEncoder::new_with_quality(
+            &mut bytes, 90,
+        ))
+        .unwrap();
+        bytes
+    }
+
+    #[test]
+    fn decodes_a_jpeg() {
+        let decoded = decode_jpeg(&encode(40, 24), &DecodeLimits::default()).unwrap();
+        assert_eq!(decoded.image.dimensions(), (40, 24));
+        assert_eq!(decoded.orientation, Orientation::NoTransforms);
+    }
+
+    #[test]
+    fn truncated_and_corrupt_jpegs_are_errors() {
+        let bytes = encode(64, 64);
+        for cut in [3, 20, bytes.len() / 2, bytes.len() - 2] {
+            let err = decode_jpeg(&bytes[..cut], &DecodeLimits::default());
+            assert!(
+                matches!(err, Err(PreprocessError::Corrupt(_))),
+                "cut at {cut}: {:?}",
+                err.err()
+            );
+        }
+        let mut garbage = bytes.clone();
+        for b in garbage.iter_mut().skip(200).take(200) {
+            *b = 0xFF;
+        }
+        // Damaged entropy-coded data may decode to noise (as in Pillow) but must not panic.
+        let _ = decode_jpeg(&garbage, &DecodeLimits::default());
+    }
+
+    #[test]
+    fn cmyk_conversion_is_pillows() {
+        // Stored inverted: 255 = no ink. White paper, full black ink, and 50 % cyan.
+        assert_eq!(cmyk_to_rgb(&[255, 255, 255, 255]), vec![255, 255, 255]);
+        assert_eq!(cmyk_to_rgb(&[255, 255, 255, 0]), vec![0, 0, 0]);
+        assert_eq!(cmyk_to_rgb(&[127, 255, 255, 255]), vec![127, 255, 255]);
+    }
+}
