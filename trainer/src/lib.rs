@@ -4,4 +4,7 @@
 //! the model-metadata schema live in `agiqa_runtime`, so training and serving cannot drift.
 
 pub mod clip;
+pub mod inspect;
+pub mod synthetic;
+pub mod tokenizer;
 pub mod weights;
