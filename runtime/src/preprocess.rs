@@ -436,6 +436,115 @@ impl Preprocessor {
     }
 }
 
+/// Training-time augmentation: torchvision's `RandomResizedCrop(size, scale, ratio, BICUBIC)`
+/// followed by `RandomHorizontalFlip(0.5)`, as the reference trains. The random draws come from
+/// the caller (`uniform` returns values in `[0, 1)`), so a seeded trainer gets the same views.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RandomResizedCrop {
+    /// Range of the crop's area as a fraction of the image's.
+    pub scale: (f64, f64),
+    /// Range of the crop's aspect ratio (width / height).
+    pub ratio: (f64, f64),
+    /// Probability of a horizontal flip.
+    pub flip: f64,
+}
+
+impl Default for RandomResizedCrop {
+    fn default() -> Self {
+        RandomResizedCrop {
+            scale: (0.08, 1.0),
+            ratio: (3.0 / 4.0, 4.0 / 3.0),
+            flip: 0.5,
+        }
+    }
+}
+
+/// One sampled view: the crop box in source pixels and whether it is mirrored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CropBox {
+    pub left: u32,
+    pub top: u32,
+    pub width: u32,
+    pub height: u32,
+    pub flip: bool,
+}
+
+impl RandomResizedCrop {
+    /// torchvision's `get_params`: ten tries at a random area and log-uniform aspect ratio,
+    /// then a centre crop clamped to the ratio range.
+    pub fn sample(&self, width: u32, height: u32, uniform: &mut dyn FnMut() -> f64) -> CropBox {
+        let (w, h) = (f64::from(width), f64::from(height));
+        let area = w * h;
+        let (log_lo, log_hi) = (self.ratio.0.ln(), self.ratio.1.ln());
+        let mut chosen = None;
+        for _ in 0..10 {
+            let target = area * (self.scale.0 + (self.scale.1 - self.scale.0) * uniform());
+            let aspect = (log_lo + (log_hi - log_lo) * uniform()).exp();
+            let cw = (target * aspect).sqrt().round();
+            let ch = (target / aspect).sqrt().round();
+            if cw > 0.0 && cw <= w && ch > 0.0 && ch <= h {
+                let top = ((h - ch + 1.0) * uniform()).floor().min(h - ch);
+                let left = ((w - cw + 1.0) * uniform()).floor().min(w - cw);
+                chosen = Some((left as u32, top as u32, cw as u32, ch as u32));
+                break;
+            }
+        }
+        let (left, top, cw, ch) = chosen.unwrap_or_else(|| {
+            let in_ratio = w / h;
+            let (cw, ch) = if in_ratio < self.ratio.0 {
+                (w, (w / self.ratio.0).round())
+            } else if in_ratio > self.ratio.1 {
+                ((h * self.ratio.1).round(), h)
+            } else {
+                (w, h)
+            };
+            (
+                ((w - cw) / 2.0) as u32,
+                ((h - ch) / 2.0) as u32,
+                cw as u32,
+                ch as u32,
+            )
+        });
+        CropBox {
+            left,
+            top,
+            width: cw.max(1),
+            height: ch.max(1),
+            flip: uniform() < self.flip,
+        }
+    }
+}
+
+impl Preprocessor {
+    /// The `size × size` training view of `image` for a sampled crop box: crop, Pillow bicubic
+    /// resize of the crop to a square (both sides, as `RandomResizedCrop`), optional mirror.
+    pub fn augmented_view(
+        &self,
+        image: &RgbImage,
+        crop: &CropBox,
+    ) -> Result<RgbImage, PreprocessError> {
+        let size = self.config.image_size;
+        let (w, h) = image.dimensions();
+        if crop.width == 0
+            || crop.height == 0
+            || crop.left + crop.width > w
+            || crop.top + crop.height > h
+        {
+            return Err(PreprocessError::Unsupported(format!(
+                "crop {crop:?} does not fit a {w}x{h} image"
+            )));
+        }
+        let cropped =
+            image::imageops::crop_imm(image, crop.left, crop.top, crop.width, crop.height)
+                .to_image();
+        let mut view = resize_bicubic_window(&cropped, (size, size), (0, 0, size, size));
+        if crop.flip {
+            image::imageops::flip_horizontal_in_place(&mut view);
+        }
+        Ok(view)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -546,6 +655,45 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    #[test]
+    fn random_resized_crop_stays_inside_and_is_reproducible() {
+        let rrc = RandomResizedCrop::default();
+        let mut state = 7u64;
+        let mut uniform = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        };
+        for _ in 0..500 {
+            let c = rrc.sample(300, 200, &mut uniform);
+            assert!(c.left + c.width <= 300 && c.top + c.height <= 200, "{c:?}");
+            let area = f64::from(c.width * c.height) / 60000.0;
+            assert!(area <= 1.0 + 1e-9);
+        }
+        let p = Preprocessor::new(Preprocessing::default());
+        let img = RgbImage::from_fn(300, 200, |x, y| image::Rgb([x as u8, y as u8, 0]));
+        let c = CropBox {
+            left: 10,
+            top: 20,
+            width: 100,
+            height: 80,
+            flip: true,
+        };
+        let view = p.augmented_view(&img, &c).unwrap();
+        assert_eq!(view.dimensions(), (224, 224));
+        // Mirrored: the left edge now shows the crop's right side (larger x values).
+        assert!(view.get_pixel(0, 100)[0] > view.get_pixel(223, 100)[0]);
+        let outside = CropBox {
+            left: 250,
+            top: 0,
+            width: 100,
+            height: 10,
+            flip: false,
+        };
+        assert!(p.augmented_view(&img, &outside).is_err());
     }
 
     #[test]

@@ -92,8 +92,9 @@ pub const PRESET_NAMES: [&str; 8] = [
     "RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B/32", "ViT-B/16", "ViT-L/14",
 ];
 
-/// A small ViT CLIP with the real 224-pixel input and the real tokenizer vocabulary, for demos
-/// and tests on CPU (no pretrained weights can ship; it is used with random weights).
+/// A small ViT CLIP (2 layers, width 256, 16-pixel patches) with the real 224-pixel input and
+/// the real tokenizer vocabulary, for demos and tests on CPU: no pretrained weights can ship, so
+/// it runs with random weights, whose frozen features still carry blur, noise and colour cues.
 pub const TINY_PRESET: &str = "tiny";
 
 impl ClipConfig {
@@ -129,7 +130,7 @@ impl ClipConfig {
             "ViT-B/16" => (512, vit(16, 768, 12, 224), 512),
             "ViT-L/14" => (768, vit(14, 1024, 24, 224), 768),
             "ViT-L/14@336px" => (768, vit(14, 1024, 24, 336), 768),
-            TINY_PRESET => (128, vit(32, 128, 2, 224), 128),
+            TINY_PRESET => (256, vit(16, 256, 2, 224), 256),
             _ => return None,
         };
         let text = TextConfig {
