@@ -21,19 +21,29 @@ pub enum MetricsError {
     },
 }
 
-/// The correlations reported for a model on a set of images.
+/// The correlations reported for a model on a set of images. A correlation is NaN when the
+/// predictions are constant (JSON has no NaN: it is written as `null` and read back as NaN).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Correlations {
     /// Pearson linear correlation of raw predictions and MOS.
+    #[serde(deserialize_with = "nan_from_null")]
     pub plcc: f64,
     /// Spearman rank correlation (average ranks for ties).
+    #[serde(deserialize_with = "nan_from_null")]
     pub srcc: f64,
     /// Kendall's tau-b.
+    #[serde(deserialize_with = "nan_from_null")]
     pub krcc: f64,
     /// Pearson correlation after fitting the 4-parameter logistic from predictions to MOS.
+    #[serde(deserialize_with = "nan_from_null")]
     pub plcc_logistic: f64,
     /// Number of samples.
     pub n: usize,
+}
+
+/// serde_json writes non-finite floats as `null`; read them back as NaN.
+pub fn nan_from_null<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(deserializer)?.unwrap_or(f64::NAN))
 }
 
 impl Correlations {
@@ -289,6 +299,15 @@ mod tests {
         assert!((c.krcc - 1.0).abs() < 1e-12);
         let r: Vec<f64> = y.iter().rev().cloned().collect();
         assert!((kendall_tau_b(&x, &r) + 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn constant_predictions_survive_a_json_round_trip() {
+        let c = Correlations::compute(&[1.0, 1.0, 1.0], &[1.0, 2.0, 3.0]).unwrap();
+        assert!(c.plcc.is_nan());
+        let back: Correlations = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert!(back.plcc.is_nan() && back.srcc.is_nan());
+        assert_eq!(back.n, 3);
     }
 
     #[test]

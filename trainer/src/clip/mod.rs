@@ -193,6 +193,21 @@ impl Clip {
         self.named_tensors().into_iter().collect()
     }
 
+    /// An independent copy on the same device (each trained model owns its frozen CLIP).
+    pub fn clone_frozen(&self) -> Clip {
+        let copy = Self::build(&self.config, self.device())
+            .unwrap_or_else(|e| unreachable!("a built config stays valid: {e}"));
+        let source = self.vars.variables();
+        tch::no_grad(|| {
+            for (name, mut var) in copy.vars.variables() {
+                if let Some(src) = source.get(&name) {
+                    var.copy_(src);
+                }
+            }
+        });
+        copy
+    }
+
     /// Number of learnable parameters in the released model (BatchNorm statistics excluded).
     pub fn parameter_count(&self) -> i64 {
         self.vars

@@ -1,0 +1,263 @@
+//! Training configuration: one serde struct whose defaults are the paper's (and the authors'
+//! code's), read from TOML or JSON and overridden by CLI flags. The configuration actually used
+//! is written next to every run's outputs.
+
+use std::path::{Path, PathBuf};
+
+use agiqa_runtime::preprocess::RandomResizedCrop;
+use serde::{Deserialize, Serialize};
+
+use crate::model::ModelConfig;
+
+/// Everything that defines a training run, except where its data and CLIP weights come from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub model: ModelConfig,
+    pub optimizer: OptimizerConfig,
+    /// Training epochs (paper: 100).
+    pub epochs: usize,
+    /// Images per step (paper: 32).
+    pub batch_size: usize,
+    /// Seeds data order, augmentation, dropout and the context initialisation.
+    pub seed: u64,
+    pub augmentation: AugmentationConfig,
+    pub protocol: ProtocolConfig,
+    /// Where frozen image features are cached (`None`: no cache, the encoder runs every epoch).
+    pub feature_cache: Option<PathBuf>,
+    /// `cpu`, `cuda`, `cuda:N` or `auto` (CUDA when available).
+    pub device: String,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            model: ModelConfig::default(),
+            optimizer: OptimizerConfig::default(),
+            epochs: 100,
+            batch_size: 32,
+            seed: 0,
+            augmentation: AugmentationConfig::default(),
+            protocol: ProtocolConfig::default(),
+            feature_cache: Some(PathBuf::from(".cache/agiqa-features")),
+            device: "auto".into(),
+        }
+    }
+}
+
+/// SGD with momentum, cosine annealing and a constant warm-up, as the reference
+/// (two optimisers with identical settings for the prompt learner and the head are one).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimizerConfig {
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    /// Epochs at the constant warm-up learning rate before the cosine schedule takes over.
+    pub warmup_epochs: usize,
+    pub warmup_lr: f64,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        OptimizerConfig {
+            lr: 0.002,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            warmup_epochs: 1,
+            warmup_lr: 1e-5,
+        }
+    }
+}
+
+impl OptimizerConfig {
+    /// Learning rate of `epoch` (0-based): constant during warm-up, then Dassl's cosine
+    /// schedule `lr/2 · (1 + cos(π · epoch / epochs))`, which counts epochs from the start.
+    pub fn lr_at(&self, epoch: usize, epochs: usize) -> f64 {
+        if epoch < self.warmup_epochs {
+            self.warmup_lr
+        } else {
+            0.5 * self.lr
+                * (1.0 + (std::f64::consts::PI * epoch as f64 / epochs.max(1) as f64).cos())
+        }
+    }
+}
+
+/// Train-time augmentation (test time is always resize + centre crop).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AugmentationConfig {
+    /// Random-resized-crop + horizontal flip, as the reference trains.
+    pub enabled: bool,
+    pub crop: RandomResizedCrop,
+    /// Precomputed augmented views per image in the feature cache; one is sampled per epoch.
+    pub views: usize,
+}
+
+impl Default for AugmentationConfig {
+    fn default() -> Self {
+        AugmentationConfig {
+            enabled: true,
+            crop: RandomResizedCrop::default(),
+            views: 8,
+        }
+    }
+}
+
+/// How data is split and how the reported checkpoint is chosen.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind", deny_unknown_fields)]
+pub enum ProtocolConfig {
+    /// The paper's: the authors' 80/20 reference split, no validation set, the best epoch
+    /// chosen on the test set. Leaks test information; for comparison with the paper only.
+    Paper,
+    /// The honest default: seeded train/val/test, checkpoint chosen on validation, repeated
+    /// over `repeats` random splits and reported as mean ± std.
+    Random {
+        train: f64,
+        val: f64,
+        test: f64,
+        repeats: usize,
+        /// Keep all images of one prompt in the same part (datasets with prompts).
+        grouped_by_prompt: bool,
+    },
+    /// The split column of a manifest.
+    Manifest,
+}
+
+impl Default for ProtocolConfig {
+    fn default() -> Self {
+        ProtocolConfig::Random {
+            train: 0.7,
+            val: 0.1,
+            test: 0.2,
+            repeats: 1,
+            grouped_by_prompt: false,
+        }
+    }
+}
+
+/// Why a configuration could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error("config {path}: unknown extension (use .toml or .json)")]
+    Extension { path: PathBuf },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl TrainConfig {
+    /// Reads a `.toml` or `.json` file; missing fields take the paper's defaults.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let raw = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let parse_err = |reason: String| ConfigError::Parse {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let config: TrainConfig = match path.extension().and_then(|e| e.to_str()) {
+            Some("toml") => toml::from_str(&raw).map_err(|e| parse_err(e.to_string()))?,
+            Some("json") => serde_json::from_str(&raw).map_err(|e| parse_err(e.to_string()))?,
+            _ => {
+                return Err(ConfigError::Extension {
+                    path: path.to_path_buf(),
+                })
+            }
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that would otherwise fail deep inside training.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.epochs == 0 {
+            return invalid("epochs must be at least 1".into());
+        }
+        if self.batch_size == 0 {
+            return invalid("batch_size must be at least 1".into());
+        }
+        if !(self.optimizer.lr > 0.0 && self.optimizer.lr.is_finite()) {
+            return invalid(format!(
+                "optimizer.lr must be positive, got {}",
+                self.optimizer.lr
+            ));
+        }
+        if self.augmentation.enabled && self.augmentation.views == 0 {
+            return invalid("augmentation.views must be at least 1".into());
+        }
+        if let ProtocolConfig::Random {
+            train,
+            val,
+            test,
+            repeats,
+            ..
+        } = &self.protocol
+        {
+            let sum = train + val + test;
+            if (sum - 1.0).abs() > 1e-6 || *train <= 0.0 || *test <= 0.0 || *val < 0.0 {
+                return invalid(format!(
+                    "split fractions must be positive and sum to 1, got {train}/{val}/{test}"
+                ));
+            }
+            if *repeats == 0 {
+                return invalid("protocol.repeats must be at least 1".into());
+            }
+        }
+        if self.model.categories.is_empty() {
+            return invalid("model.categories is empty".into());
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML, for `config.toml` beside a run's outputs.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_papers() {
+        let c = TrainConfig::default();
+        assert_eq!((c.epochs, c.batch_size), (100, 32));
+        assert_eq!(c.optimizer.lr, 0.002);
+        assert_eq!(c.model.context_len, 16);
+        assert_eq!(c.optimizer.lr_at(0, 100), 1e-5);
+        assert!(
+            (c.optimizer.lr_at(1, 100)
+                - 0.002 * 0.5 * (1.0 + (std::f64::consts::PI / 100.0).cos()))
+            .abs()
+                < 1e-15
+        );
+        assert!(c.optimizer.lr_at(99, 100) < 1e-5);
+    }
+
+    #[test]
+    fn toml_round_trip_and_partial_files() {
+        let c = TrainConfig::default();
+        let back: TrainConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+        let partial: TrainConfig = toml::from_str("epochs = 5\n[optimizer]\nlr = 0.01\n").unwrap();
+        assert_eq!(
+            (partial.epochs, partial.optimizer.lr, partial.batch_size),
+            (5, 0.01, 32)
+        );
+        assert!(
+            toml::from_str::<TrainConfig>("epochz = 5").is_err(),
+            "typos must be errors"
+        );
+    }
+}

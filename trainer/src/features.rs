@@ -1,0 +1,406 @@
+//! Frozen image features, computed once and cached on disk.
+//!
+//! CLIP's image encoder is frozen, so an image's features depend only on the CLIP weights, the
+//! preprocessing and the image itself. They are cached keyed by exactly those (a fingerprint of
+//! the weights, the preprocessing and view settings, and the SHA-256 of the file's bytes):
+//! without augmentation one centre view per image, with augmentation `V` precomputed random
+//! views per image, of which training samples one per epoch. Training then costs only the text
+//! branch and the head. Every image's entry is written as soon as it is computed (atomically),
+//! so an interrupted run keeps what it finished.
+
+use std::path::{Path, PathBuf};
+
+use agiqa_runtime::preprocess::{
+    decode_image_file, CropBox, DecodeLimits, PreprocessError, Preprocessing, Preprocessor,
+    RandomResizedCrop,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tch::{Device, Kind, Tensor};
+
+use crate::clip::Clip;
+use crate::synthetic::SplitMix64;
+
+/// Which views of each image are encoded.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum ViewSpec {
+    /// The test-time view: shorter side resized, centre crop.
+    Center,
+    /// `views` random-resized-crop + flip views per image, drawn from `seed` and the image's
+    /// content hash, so the same image always gets the same views.
+    Augmented {
+        views: usize,
+        crop: RandomResizedCrop,
+        seed: u64,
+    },
+}
+
+impl ViewSpec {
+    pub fn views(&self) -> usize {
+        match self {
+            ViewSpec::Center => 1,
+            ViewSpec::Augmented { views, .. } => *views,
+        }
+    }
+}
+
+/// Why features could not be produced.
+#[derive(Debug, thiserror::Error)]
+pub enum FeatureError {
+    #[error(transparent)]
+    Image(#[from] PreprocessError),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write the feature cache at {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("torch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// SHA-256 (hex) of a byte string.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// SHA-256 over CLIP's tensors (names, shapes and fp32 bytes, in name order): the identity of
+/// the frozen weights, whatever file format they came from.
+pub fn clip_fingerprint(clip: &Clip) -> String {
+    let mut hasher = Sha256::new();
+    let mut tensors = clip.named_tensors();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, tensor) in tensors {
+        hasher.update(name.as_bytes());
+        hasher.update(format!("{:?}", tensor.size()).as_bytes());
+        let t = tensor
+            .to_kind(Kind::Float)
+            .to_device(Device::Cpu)
+            .contiguous()
+            .flatten(0, -1);
+        let values: Vec<f32> = Vec::try_from(&t).unwrap_or_default();
+        for chunk in values.chunks(1 << 16) {
+            let bytes: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
+            hasher.update(&bytes);
+        }
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The crop box of view `view` of an image with content hash `content`.
+pub fn view_crop(
+    spec: &ViewSpec,
+    content: &str,
+    view: usize,
+    width: u32,
+    height: u32,
+) -> Option<CropBox> {
+    match spec {
+        ViewSpec::Center => None,
+        ViewSpec::Augmented { crop, seed, .. } => {
+            let content_bits =
+                u64::from_str_radix(&content[..16.min(content.len())], 16).unwrap_or(0);
+            let mut rng =
+                SplitMix64::new(seed ^ content_bits ^ (view as u64).wrapping_mul(0x9E37_79B9));
+            Some(crop.sample(width, height, &mut || f64::from(rng.uniform())))
+        }
+    }
+}
+
+/// Encodes images to L2-normalised features, through the cache when one is given.
+pub struct FeatureExtractor<'a> {
+    clip: &'a Clip,
+    preprocessor: Preprocessor,
+    spec: ViewSpec,
+    limits: DecodeLimits,
+    /// `<cache root>/<key>/`, where key = hash(CLIP fingerprint, preprocessing, views).
+    cache: Option<PathBuf>,
+    /// Images encoded per forward pass.
+    pub batch_size: usize,
+}
+
+impl<'a> FeatureExtractor<'a> {
+    /// `clip_fingerprint` comes from [`clip_fingerprint`] (computed once by the caller).
+    pub fn new(
+        clip: &'a Clip,
+        clip_fingerprint: &str,
+        spec: ViewSpec,
+        cache_root: Option<&Path>,
+    ) -> Self {
+        let preprocessing = Preprocessing::clip(clip.config().image_resolution() as u32);
+        let key = sha256_hex(
+            serde_json::json!({
+                "clip": clip_fingerprint,
+                "preprocessing": preprocessing,
+                "views": spec,
+                "format": 1,
+            })
+            .to_string()
+            .as_bytes(),
+        );
+        FeatureExtractor {
+            clip,
+            preprocessor: Preprocessor::new(preprocessing),
+            spec,
+            limits: DecodeLimits::default(),
+            cache: cache_root.map(|root| root.join(&key[..32])),
+            batch_size: 32,
+        }
+    }
+
+    pub fn spec(&self) -> &ViewSpec {
+        &self.spec
+    }
+
+    /// Features of every view of every image: `[N, V, E]`, L2-normalised, on the CPU.
+    /// `progress` is called with the number of images done.
+    pub fn extract(
+        &self,
+        paths: &[PathBuf],
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Tensor, FeatureError> {
+        let views = self.spec.views();
+        let mut out: Vec<Option<Tensor>> = (0..paths.len()).map(|_| None).collect();
+        let mut missing = Vec::new();
+        let mut hashes = Vec::with_capacity(paths.len());
+        for (i, path) in paths.iter().enumerate() {
+            let bytes = std::fs::read(path).map_err(|source| FeatureError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let hash = sha256_hex(&bytes);
+            match self.cached(&hash) {
+                Some(t) if t.size() == [views as i64, self.clip.config().embed_dim] => {
+                    out[i] = Some(t)
+                }
+                _ => missing.push(i),
+            }
+            hashes.push(hash);
+        }
+        let mut done = paths.len() - missing.len();
+        progress(done);
+        for chunk in missing.chunks(self.batch_size.max(1)) {
+            let chunk_paths: Vec<&Path> = chunk.iter().map(|&i| paths[i].as_path()).collect();
+            let chunk_hashes: Vec<&str> = chunk.iter().map(|&i| hashes[i].as_str()).collect();
+            let features = self.encode(&chunk_paths, &chunk_hashes)?;
+            for (k, &i) in chunk.iter().enumerate() {
+                let f = features.get(k as i64);
+                self.store(&hashes[i], &f)?;
+                out[i] = Some(f);
+            }
+            done += chunk.len();
+            progress(done);
+        }
+        let rows: Vec<Tensor> = out.into_iter().flatten().collect();
+        Ok(Tensor::stack(&rows, 0))
+    }
+
+    /// Encodes all views of `paths` without the cache: `[n, V, E]`.
+    pub fn encode(&self, paths: &[&Path], hashes: &[&str]) -> Result<Tensor, FeatureError> {
+        let all: Vec<usize> = (0..self.spec.views()).collect();
+        self.encode_views(paths, hashes, &vec![all; paths.len()])
+    }
+
+    /// Encodes view `picks[k]` of image `k` without the cache: `[n, E]`. Training without a
+    /// cache encodes one view per image per epoch this way: the view the cache would serve.
+    pub fn encode_picked(
+        &self,
+        paths: &[&Path],
+        hashes: &[&str],
+        picks: &[usize],
+    ) -> Result<Tensor, FeatureError> {
+        let wanted: Vec<Vec<usize>> = picks.iter().map(|&p| vec![p]).collect();
+        Ok(self.encode_views(paths, hashes, &wanted)?.squeeze_dim(1))
+    }
+
+    /// Encodes views `wanted[k]` (indices into the spec's views; the same count for every
+    /// image) of image `k`: `[n, count, E]`.
+    fn encode_views(
+        &self,
+        paths: &[&Path],
+        hashes: &[&str],
+        wanted: &[Vec<usize>],
+    ) -> Result<Tensor, FeatureError> {
+        let views = wanted.first().map_or(0, Vec::len);
+        let tensor_len = self.preprocessor.config().tensor_len();
+        let mut pixels = vec![0f32; paths.len() * views * tensor_len];
+        // Decoding and resampling dominate on CPU: spread the images over the cores.
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(paths.len().max(1));
+        let per_thread = paths.len().div_ceil(threads);
+        let results: Vec<Result<(), PreprocessError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = pixels
+                .chunks_mut((per_thread * views * tensor_len).max(1))
+                .enumerate()
+                .map(|(t, out)| {
+                    let start = t * per_thread;
+                    let my_paths = &paths[start..(start + per_thread).min(paths.len())];
+                    let my_hashes = &hashes[start..(start + per_thread).min(paths.len())];
+                    let my_wanted = &wanted[start..(start + per_thread).min(paths.len())];
+                    let (preprocessor, spec, limits) =
+                        (&self.preprocessor, &self.spec, &self.limits);
+                    scope.spawn(move || {
+                        preprocess_views(
+                            preprocessor,
+                            spec,
+                            limits,
+                            my_paths,
+                            my_hashes,
+                            my_wanted,
+                            out,
+                        )
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(PreprocessError::Unsupported(
+                            "preprocessing thread panicked".into(),
+                        ))
+                    })
+                })
+                .collect()
+        });
+        for result in results {
+            result?;
+        }
+        let size = i64::from(self.preprocessor.config().image_size);
+        let batch = Tensor::from_slice(&pixels)
+            .view([(paths.len() * views) as i64, 3, size, size])
+            .to_device(self.clip.device());
+        let features = tch::no_grad(|| {
+            let f = self.clip.encode_image(&batch).to_kind(Kind::Float);
+            &f / f.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12)
+        });
+        Ok(features.to_device(Device::Cpu).view([
+            paths.len() as i64,
+            views as i64,
+            self.clip.config().embed_dim,
+        ]))
+    }
+
+    fn entry(&self, hash: &str) -> Option<PathBuf> {
+        self.cache
+            .as_ref()
+            .map(|dir| dir.join(format!("{hash}.f32")))
+    }
+
+    fn cached(&self, hash: &str) -> Option<Tensor> {
+        let bytes = std::fs::read(self.entry(hash)?).ok()?;
+        let values: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let dim = self.clip.config().embed_dim;
+        let views = values.len() as i64 / dim.max(1);
+        (views * dim == values.len() as i64).then(|| Tensor::from_slice(&values).view([views, dim]))
+    }
+
+    fn store(&self, hash: &str, features: &Tensor) -> Result<(), FeatureError> {
+        let Some(path) = self.entry(hash) else {
+            return Ok(());
+        };
+        let write_err = |source| FeatureError::Write {
+            path: path.clone(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(write_err)?;
+        }
+        let values: Vec<f32> = Vec::try_from(features.contiguous().flatten(0, -1))?;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        crate::checkpoint::write_atomic(&path, &bytes).map_err(write_err)
+    }
+}
+
+/// Decodes `paths` and writes every view's normalised tensor into `out` (`[n, V, 3, S, S]`).
+fn preprocess_views(
+    preprocessor: &Preprocessor,
+    spec: &ViewSpec,
+    limits: &DecodeLimits,
+    paths: &[&Path],
+    hashes: &[&str],
+    wanted: &[Vec<usize>],
+    out: &mut [f32],
+) -> Result<(), PreprocessError> {
+    let tensor_len = preprocessor.config().tensor_len();
+    for (k, ((path, hash), wanted)) in paths.iter().zip(hashes).zip(wanted).enumerate() {
+        let views = wanted.len();
+        let image = decode_image_file(path, limits)?;
+        for (slot_index, &v) in wanted.iter().enumerate() {
+            let slot = &mut out
+                [(k * views + slot_index) * tensor_len..(k * views + slot_index + 1) * tensor_len];
+            match view_crop(spec, hash, v, image.width(), image.height()) {
+                None => preprocessor.preprocess_into(&image, slot),
+                Some(crop) => preprocessor
+                    .augmented_view(&image, &crop)
+                    .map(|view| preprocessor.normalize_into(&view, slot)),
+            }
+            .map_err(|e| e.in_file(path))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clip::ClipConfig;
+
+    fn images(dir: &Path, n: u64) -> Vec<PathBuf> {
+        (0..n)
+            .map(|i| {
+                let path = dir.join(format!("img{i}.png"));
+                crate::synthetic::procedural_scene(i, 96, 64)
+                    .save(&path)
+                    .unwrap();
+                path
+            })
+            .collect()
+    }
+
+    #[test]
+    fn cached_features_equal_fresh_ones_and_are_reused() {
+        let dir = std::env::temp_dir().join(format!("agiqa-features-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let paths = images(&dir, 3);
+        let clip = Clip::random(&ClipConfig::preset("tiny").unwrap(), 0, Device::Cpu);
+        let fp = clip_fingerprint(&clip);
+        let spec = ViewSpec::Augmented {
+            views: 2,
+            crop: RandomResizedCrop::default(),
+            seed: 5,
+        };
+        let extractor = FeatureExtractor::new(&clip, &fp, spec.clone(), Some(&dir.join("cache")));
+        let first = extractor.extract(&paths, &mut |_| {}).unwrap();
+        assert_eq!(first.size(), [3, 2, 256]);
+        // Views differ from each other, and every row is unit length.
+        assert!(
+            f64::try_from((first.get(0).get(0) - first.get(0).get(1)).abs().max()).unwrap() > 1e-4
+        );
+        let norms = first.norm_scalaropt_dim(2, [-1], false);
+        assert!(f64::try_from((norms - 1.0).abs().max()).unwrap() < 1e-5);
+        // A second extractor finds everything in the cache (same values, no encoding).
+        let again = FeatureExtractor::new(&clip, &fp, spec, Some(&dir.join("cache")));
+        let mut calls = Vec::new();
+        let second = again.extract(&paths, &mut |n| calls.push(n)).unwrap();
+        assert_eq!(calls, vec![3], "everything should come from the cache");
+        assert!(first.equal(&second));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
