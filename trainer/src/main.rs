@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use agiqa_trainer::clip::{Clip, ClipConfig};
 use agiqa_trainer::config::{ProtocolConfig, TrainConfig};
-use agiqa_trainer::data::synthetic::{write_agiqa3k_like, write_aigciqa2023_like, SynthOptions};
+use agiqa_trainer::data::synthetic::{
+    write_agiqa3k_like, write_aigciqa2023_like, SynthOptions, KINDS,
+};
 use agiqa_trainer::data::{load_dataset, DatasetSpec, LoadOptions};
 use agiqa_trainer::evaluate::{evaluate_dataset, load_checkpoint, predict_files};
 use agiqa_trainer::inspect::embedding_report;
@@ -30,7 +32,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a model (context + head; CLIP frozen) and evaluate the selected checkpoint.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Evaluate a checkpoint on a dataset: PLCC/SRCC/KRCC table, JSON and scatter plot.
     Eval(EvalArgs),
     /// Score image files with a checkpoint.
@@ -180,6 +182,9 @@ struct TrainArgs {
     batch_size: Option<usize>,
     #[arg(long)]
     lr: Option<f64>,
+    /// sgd (the paper's) or adamw.
+    #[arg(long)]
+    optimizer: Option<String>,
     #[arg(long)]
     seed: Option<u64>,
     /// Learnable context tokens (M).
@@ -196,6 +201,11 @@ struct TrainArgs {
     variant: Option<String>,
     #[arg(long, value_enum)]
     protocol: Option<ProtocolArg>,
+    /// Whiten image features with training-set statistics before the head (for encoders whose
+    /// quality signal hides in low-variance directions, such as a random tiny CLIP; not the
+    /// paper's setting).
+    #[arg(long)]
+    whiten_features: bool,
     /// Random splits to repeat (mean ± std), random protocol only.
     #[arg(long)]
     repeats: Option<usize>,
@@ -288,6 +298,9 @@ struct SynthArgs {
     size: u32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Distortion kinds to use, comma-separated (blur, noise, jpeg, colour; default all).
+    #[arg(long, value_delimiter = ',')]
+    kinds: Vec<String>,
 }
 
 #[derive(Args)]
@@ -302,7 +315,7 @@ struct SynthImagesArgs {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Train(args) => train(args),
+        Command::Train(args) => train(*args),
         Command::Eval(args) => eval(args),
         Command::Predict(args) => predict(args),
         Command::Embed(args) => embed(args),
@@ -326,6 +339,13 @@ fn train_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
     if let Some(v) = args.lr {
         c.optimizer.lr = v;
     }
+    if let Some(v) = &args.optimizer {
+        c.optimizer.kind = match v.as_str() {
+            "sgd" => agiqa_trainer::config::OptimizerKind::Sgd,
+            "adamw" => agiqa_trainer::config::OptimizerKind::AdamW,
+            other => bail!("unknown optimizer {other:?}: sgd or adamw"),
+        };
+    }
     if let Some(v) = args.seed {
         c.seed = v;
     }
@@ -345,6 +365,9 @@ fn train_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
             "zero-shot" => Variant::ZeroShot,
             other => bail!("unknown variant {other:?}: regression, classification or zero-shot"),
         };
+    }
+    if args.whiten_features {
+        c.model.image_norm = agiqa_trainer::model::ImageNorm::Whiten;
     }
     match args.protocol {
         Some(ProtocolArg::Paper) => c.protocol = ProtocolConfig::Paper,
@@ -499,10 +522,27 @@ fn embed(args: EmbedArgs) -> anyhow::Result<()> {
 }
 
 fn synth(args: SynthArgs) -> anyhow::Result<()> {
+    let kinds = if args.kinds.is_empty() {
+        KINDS.to_vec()
+    } else {
+        args.kinds
+            .iter()
+            .map(|k| {
+                KINDS
+                    .iter()
+                    .find(|known| **known == k.trim())
+                    .copied()
+                    .with_context(|| {
+                        format!("unknown distortion kind {k:?}; one of {}", KINDS.join(", "))
+                    })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?
+    };
     let options = SynthOptions {
         images: args.images,
         size: args.size,
         seed: args.seed,
+        kinds,
     };
     let summary = match args.format {
         SynthFormat::Agiqa3k => write_agiqa3k_like(&args.out, &options)?,

@@ -53,6 +53,23 @@ pub struct ModelConfig {
     /// the zero-shot mapping; the regression head predicts raw MOS and ignores it.
     pub score_min: f64,
     pub score_max: f64,
+    /// How image features enter the regression head (see [`ImageNorm`]).
+    pub image_norm: ImageNorm,
+}
+
+/// Optional fixed affine map of the (L2-normalised) image features before the regression head.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ImageNorm {
+    /// The reference: features enter the head as they are.
+    #[default]
+    None,
+    /// ZCA whitening with the training images' mean and covariance (`x ↦ (x − μ)·W`,
+    /// `W = (Σ + εI)^(−1/2)`), fixed before training and saved with the model
+    /// (`head.image_mean`, `head.image_whitening`; an exporter folds it into the head's first
+    /// layer). For encoders whose quality signal lies in low-variance feature directions (a
+    /// small CLIP with random weights), gradient descent otherwise needs far too many steps.
+    Whiten,
 }
 
 impl Default for ModelConfig {
@@ -66,6 +83,7 @@ impl Default for ModelConfig {
             dropout: DEFAULT_DROPOUT,
             score_min: 0.,
             score_max: 5.,
+            image_norm: ImageNorm::None,
         }
     }
 }
@@ -194,6 +212,8 @@ pub struct AgiqaModel {
     fixed_text: Option<Tensor>,
     /// `[K]` f32 bin centres (classification); `[2]` (score_max, score_min) for zero-shot.
     centres: Tensor,
+    /// `(mean [E], whitening [E, E])` of [`ImageNorm::Whiten`] (views of the store's variables).
+    image_norm: Option<(Tensor, Tensor)>,
 }
 
 impl std::fmt::Debug for AgiqaModel {
@@ -216,7 +236,7 @@ impl AgiqaModel {
         let device = clip.device();
         let vars = nn::VarStore::new(device);
         let root = vars.root();
-        let (mut prompt, mut head, mut fixed_text) = (None, None, None);
+        let (mut prompt, mut head, mut fixed_text, mut image_norm) = (None, None, None, None);
         let centres = match config.variant {
             Variant::Regression | Variant::Classification => {
                 let learner = PromptLearner::new(
@@ -229,7 +249,20 @@ impl AgiqaModel {
                 )?;
                 if config.variant == Variant::Regression {
                     let k = config.categories.len() as i64;
-                    let in_dim = (k + 1) * clip.config().embed_dim;
+                    let embed = clip.config().embed_dim;
+                    if config.image_norm == ImageNorm::Whiten {
+                        let head_path = &root / "head";
+                        let whitening =
+                            head_path.zeros_no_train("image_whitening", &[embed, embed]);
+                        tch::no_grad(|| {
+                            whitening
+                                .shallow_clone()
+                                .copy_(&Tensor::eye(embed, (Kind::Float, device)))
+                        });
+                        image_norm =
+                            Some((head_path.zeros_no_train("image_mean", &[embed]), whitening));
+                    }
+                    let in_dim = (k + 1) * embed;
                     head = Some(QualityHead::new(
                         &(&root / "head"),
                         in_dim,
@@ -261,7 +294,46 @@ impl AgiqaModel {
             head,
             fixed_text,
             centres,
+            image_norm,
         })
+    }
+
+    /// Applies [`ImageNorm`] to `[N, E]` features (identity for `None`).
+    fn normalise_image(&self, image: Tensor) -> Tensor {
+        match &self.image_norm {
+            Some((mean, whitening)) => (image - mean).matmul(whitening),
+            None => image,
+        }
+    }
+
+    /// Fixes the [`ImageNorm::Whiten`] statistics from training features `[N, E]`
+    /// (L2-normalised). A no-op for the other settings.
+    pub fn fit_image_norm(&mut self, train_features: &Tensor) {
+        if let Some((mean, whitening)) = &self.image_norm {
+            let x = train_features
+                .to_device(self.clip.device())
+                .to_kind(Kind::Double);
+            let mu = x.mean_dim([0i64].as_slice(), true, Kind::Double);
+            let centred = &x - &mu;
+            let n = (x.size()[0] - 1).max(1) as f64;
+            let covariance = centred.transpose(0, 1).matmul(&centred) / n;
+            let (eigenvalues, eigenvectors) = covariance.linalg_eigh("L");
+            // ε: a thousandth of the mean variance, so directions that never vary are not
+            // amplified without bound (the same role as a ridge penalty).
+            let eps = f64::try_from(eigenvalues.mean(Kind::Double))
+                .unwrap_or(1.0)
+                .max(1e-12)
+                * 1e-3;
+            let inv_sqrt = (eigenvalues.clamp_min(0.0) + eps).rsqrt();
+            let w = eigenvectors
+                .matmul(&inv_sqrt.diag(0))
+                .matmul(&eigenvectors.transpose(0, 1));
+            tch::no_grad(|| {
+                mean.shallow_clone()
+                    .copy_(&mu.squeeze_dim(0).to_kind(Kind::Float));
+                whitening.shallow_clone().copy_(&w.to_kind(Kind::Float));
+            });
+        }
     }
 
     /// The learned parameters, and only them: CLIP stays frozen in its own store. Empty for
@@ -333,6 +405,7 @@ impl AgiqaModel {
             (Some(head), _) => {
                 // The reference's `[image; text_1 … text_K]`, flattened; the text part is the
                 // same row for every image, broadcast rather than recomputed.
+                let image = self.normalise_image(image);
                 let n = image.size()[0];
                 let text = text_features.reshape([1, -1]);
                 let width = text.size()[1];
@@ -693,9 +766,6 @@ mod tests {
             sgd.backward_step(&loss);
             last = loss.double_value(&[]);
             steps += 1;
-            if steps % 20 == 0 {
-                eprintln!("{steps} {last}");
-            }
         }
         assert!(
             last <= 1e-3,

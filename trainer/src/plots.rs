@@ -9,6 +9,7 @@ use std::error::Error as StdError;
 use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use agiqa_runtime::metrics::{Correlations, Logistic4};
@@ -202,7 +203,7 @@ fn draw_loss_panel(
         .draw_series(LineSeries::new(std::iter::empty(), loss_style))?
         .label("train loss")
         .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], loss_style));
-    for run in finite_runs(points, |p| p.train_loss) {
+    for run in finite_runs(points, |p| Some(p.train_loss)) {
         chart.draw_series(LineSeries::new(run, loss_style))?;
     }
     let lr_style = ShapeStyle::from(&LR_COLOR).stroke_width(1);
@@ -210,12 +211,12 @@ fn draw_loss_panel(
         .draw_secondary_series(LineSeries::new(std::iter::empty(), lr_style))?
         .label("learning rate (right axis)")
         .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], lr_style));
-    for run in finite_runs(points, |p| p.lr) {
+    for run in finite_runs(points, |p| Some(p.lr)) {
         chart.draw_secondary_series(DashedLineSeries::new(run, 6, 4, lr_style))?;
     }
     if points.len() <= MARKER_MAX_EPOCHS {
         chart.draw_series(
-            finite_points(points, |p| p.train_loss)
+            finite_points(points, |p| Some(p.train_loss))
                 .map(|xy| Circle::new(xy, 3, loss_style.filled())),
         )?;
     }
@@ -233,15 +234,15 @@ fn draw_validation_panel(
     area: &DrawingArea<BitMapBackend<'_>, Shift>,
     points: &[EpochPoint],
 ) -> DrawResult {
-    type Metric = fn(&EpochPoint) -> f64;
+    type Metric = fn(&EpochPoint) -> Option<f64>;
     let metrics: [(&str, RGBColor, Metric); 3] = [
-        ("PLCC", PLCC_COLOR, |p| p.val_plcc.unwrap_or(f64::NAN)),
-        ("SRCC", SRCC_COLOR, |p| p.val_srcc.unwrap_or(f64::NAN)),
-        ("KRCC", KRCC_COLOR, |p| p.val_krcc.unwrap_or(f64::NAN)),
+        ("PLCC", PLCC_COLOR, |p| p.val_plcc),
+        ("SRCC", SRCC_COLOR, |p| p.val_srcc),
+        ("KRCC", KRCC_COLOR, |p| p.val_krcc),
     ];
     let all = points
         .iter()
-        .flat_map(|p| metrics.iter().map(move |(_, _, get)| get(p)));
+        .flat_map(|p| metrics.iter().filter_map(move |(_, _, get)| get(p)));
     let bounds = finite_bounds(all);
     let caption = if bounds.is_some() {
         "validation correlations"
@@ -276,12 +277,9 @@ fn draw_validation_panel(
     for (name, color, get) in metrics {
         let style = ShapeStyle::from(&color).stroke_width(2);
         // The best epoch in the legend is what a reader looks for first (SRCC picks checkpoints).
-        let best = points
-            .iter()
-            .filter(|p| get(p).is_finite())
-            .max_by(|a, b| get(a).total_cmp(&get(b)));
+        let best = finite_points(points, get).max_by(|a, b| a.1.total_cmp(&b.1));
         let label = match best {
-            Some(p) => format!("{name} (best {:.4} @ epoch {})", get(p), p.epoch),
+            Some((epoch, value)) => format!("{name} (best {value:.4} @ epoch {epoch})"),
             None => format!("{name} (not logged)"),
         };
         chart
@@ -418,24 +416,45 @@ fn render_png(
 
 /// Writes `bytes` to a temporary file in `path`'s folder, then renames it over `path`, so a
 /// crash never leaves a truncated PNG behind (the temporary file is removed on failure).
+///
+/// The temporary file is created by hand rather than with `tempfile`, whose 0600 mode would
+/// carry over to the PNG; this one gets the usual umask permissions.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), PlotError> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
     let io_error = |source| PlotError::Io {
         path: path.to_owned(),
         source,
     };
+    let name = path.file_name().ok_or_else(|| {
+        io_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the path names a folder, not a file",
+        ))
+    })?;
     let folder = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".plot-")
-        .suffix(".png.tmp")
-        .tempfile_in(folder)
-        .map_err(io_error)?;
-    tmp.write_all(bytes).map_err(io_error)?;
-    tmp.as_file().sync_all().map_err(io_error)?;
-    tmp.persist(path).map_err(|e| io_error(e.error))?;
-    Ok(())
+    // Unique per process and call, so concurrent plots of the same file never share a temp file.
+    let tmp = folder.join(format!(
+        ".{}.{}-{}.tmp",
+        name.to_string_lossy(),
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|mut file| {
+            file.write_all(bytes)?;
+            file.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map_err(io_error)
 }
 
 /// Registers DejaVu Sans (regular and bold) as plotters' `sans-serif` once per process.
@@ -507,17 +526,18 @@ fn epoch_range(points: &[EpochPoint]) -> Range<usize> {
     }
 }
 
-/// Maximal runs of consecutive epochs whose `value` is finite: each run is one unbroken line.
+/// Unbroken lines through the epochs' `value`s: `None` (not logged that epoch, e.g. validation
+/// every k epochs) joins its neighbours, a non-finite value (a diverged loss) breaks the line.
 fn finite_runs(
     points: &[EpochPoint],
-    value: impl Fn(&EpochPoint) -> f64,
+    value: impl Fn(&EpochPoint) -> Option<f64>,
 ) -> Vec<Vec<(usize, f64)>> {
     let mut runs: Vec<Vec<(usize, f64)>> = vec![Vec::new()];
     for p in points {
-        let v = value(p);
-        match runs.last_mut() {
-            Some(run) if v.is_finite() => run.push((p.epoch, v)),
-            Some(run) if !run.is_empty() => runs.push(Vec::new()),
+        match (value(p), runs.last_mut()) {
+            (None, _) => {}
+            (Some(v), Some(run)) if v.is_finite() => run.push((p.epoch, v)),
+            (Some(_), Some(run)) if !run.is_empty() => runs.push(Vec::new()),
             _ => {}
         }
     }
@@ -525,13 +545,14 @@ fn finite_runs(
     runs
 }
 
+/// The logged, finite `(epoch, value)` pairs.
 fn finite_points<'a>(
     points: &'a [EpochPoint],
-    value: impl Fn(&EpochPoint) -> f64 + 'a,
+    value: impl Fn(&EpochPoint) -> Option<f64> + 'a,
 ) -> impl Iterator<Item = (usize, f64)> + 'a {
     points
         .iter()
-        .map(move |p| (p.epoch, value(p)))
+        .filter_map(move |p| Some((p.epoch, value(p)?)))
         .filter(|(_, v)| v.is_finite())
 }
 
@@ -541,9 +562,9 @@ fn tick_label(value: f64, span: f64) -> String {
     if magnitude != 0.0 && !(1e-3..1e5).contains(&magnitude) {
         return format!("{value:.2e}");
     }
-    // Three significant digits of the span: enough to tell neighbouring ticks apart.
+    // Two significant digits of the span: enough to tell neighbouring ticks apart.
     let decimals = if span > 0.0 {
-        (2.0 - span.log10().floor()).clamp(0.0, 6.0) as usize
+        (1.0 - span.log10().floor()).clamp(0.0, 6.0) as usize
     } else {
         2
     };
@@ -672,9 +693,12 @@ mod tests {
             .count()
     }
 
-    /// Keeps a copy in /tmp for looking at; the test outputs live in their own temp dirs.
+    /// Copies a test chart to `$AGIQA_PLOT_SAMPLES/<name>` when that variable is set, for a
+    /// person to look at; tests otherwise leave nothing behind.
     fn keep_sample(path: &Path, name: &str) {
-        let _ = std::fs::copy(path, std::env::temp_dir().join(name));
+        if let Some(dir) = std::env::var_os("AGIQA_PLOT_SAMPLES") {
+            let _ = std::fs::copy(path, Path::new(&dir).join(name));
+        }
     }
 
     #[test]
@@ -692,6 +716,15 @@ mod tests {
         // Nothing but the PNG is left in the folder: the temporary file was renamed.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         keep_sample(&path, "agiqa_plot_curves.png");
+        // The PNG gets the permissions of any file created here, not a temp file's 0600.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let plain = dir.path().join("plain");
+            std::fs::write(&plain, b"").unwrap();
+            let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode();
+            assert_eq!(mode(&path), mode(&plain));
+        }
     }
 
     #[test]
@@ -889,6 +922,7 @@ mod tests {
             let path = dir.path().join(format!("{name}.png"));
             plot_training_curves(&path, name, &points).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(decode(&path).dimensions(), CURVES_SIZE, "{name}");
+            keep_sample(&path, &format!("agiqa_plot_curves_{name}.png"));
         }
 
         let stats = Correlations {
@@ -933,6 +967,7 @@ mod tests {
                 plot_scatter(&path, name, &pred, &mos, fit, &stats)
                     .unwrap_or_else(|e| panic!("{name}: {e}"));
                 assert_eq!(decode(&path).dimensions(), SCATTER_SIZE, "{name}");
+                keep_sample(&path, &format!("agiqa_plot_scatter_{name}.png"));
             }
         }
     }

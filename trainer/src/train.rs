@@ -2,7 +2,7 @@
 //! checkpoints and resume, final evaluation with plots.
 //!
 //! Determinism: every epoch's data order, sampled augmented view and dropout masks derive from
-//! `(seed, epoch)` alone, and the optimiser state (momentum buffers) is checkpointed, so a run
+//! `(seed, epoch)` alone, and the optimiser state (momentum or Adam moments) is checkpointed, so a run
 //! resumed after a kill ends exactly where the uninterrupted run ends (CPU).
 
 use std::io::Write;
@@ -17,7 +17,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, CheckpointError};
 use crate::clip::{Clip, ClipConfig};
-use crate::config::{ProtocolConfig, TrainConfig};
+use crate::config::{OptimizerKind, ProtocolConfig, TrainConfig};
 use crate::data::split::{manifest_split, reference_split, repeated_splits};
 use crate::data::{DataError, Dataset, Split};
 use crate::features::{clip_fingerprint, FeatureError, FeatureExtractor, ViewSpec};
@@ -404,6 +404,9 @@ impl TrainJob<'_> {
             self.tokenizer,
             &self.model_config(),
         )?;
+        let train_rows =
+            Tensor::from_slice(&split.train.iter().map(|&i| i as i64).collect::<Vec<_>>());
+        model.fit_image_norm(&features.center.index_select(0, &train_rows));
         let mos: Vec<f64> = self.dataset.mos();
         let selection = split.selection().to_vec();
         let log_path = dir.join("log.jsonl");
@@ -534,7 +537,7 @@ impl TrainJob<'_> {
                 checkpoint::save(&dir.join("best"), &state.parameters(&model), &meta)?;
             }
             let meta = self.meta(split, fingerprint, epoch + 1, Some(metrics), state.best);
-            checkpoint::save(&last, &state.with_momentum(&model), &meta)?;
+            checkpoint::save(&last, &state.with_optimizer_state(&model), &meta)?;
             bar.set_position(epoch as u64 + 1);
             bar.set_prefix(format!(
                 "loss {train_loss:.4} {} SRCC {:.4}",
@@ -652,19 +655,22 @@ pub fn evaluate_features(
     Ok((Correlations::compute(&predictions, &truth)?, predictions))
 }
 
-/// SGD with momentum and weight decay, PyTorch semantics (dampening 0, no Nesterov; the first
-/// step's buffer is the gradient). Written out so the momentum buffers can be checkpointed.
+/// The optimiser, written out (PyTorch semantics) so its state can be checkpointed with the
+/// parameters: SGD with momentum and weight decay (dampening 0, no Nesterov, the first step's
+/// buffer is the gradient), or AdamW (decoupled weight decay, bias-corrected moments).
 struct TrainState {
-    momentum: Vec<(String, Tensor)>,
+    /// `momentum/<param>` (SGD) or `exp_avg/<param>` and `exp_avg_sq/<param>` (AdamW).
+    buffers: std::collections::BTreeMap<String, Tensor>,
+    /// Optimiser steps taken (AdamW's bias correction).
+    steps: i64,
     best: Option<(usize, f64)>,
 }
 
 impl TrainState {
-    fn new(model: &AgiqaModel) -> Self {
-        let mut names: Vec<String> = model.trainable().variables().into_keys().collect();
-        names.sort();
+    fn new(_model: &AgiqaModel) -> Self {
         TrainState {
-            momentum: names.into_iter().map(|n| (n, Tensor::new())).collect(),
+            buffers: Default::default(),
+            steps: 0,
             best: None,
         }
     }
@@ -681,23 +687,43 @@ impl TrainState {
             v.zero_grad();
         }
         loss.backward();
+        self.steps += 1;
+        let t = self.steps as i32;
         tch::no_grad(|| {
-            for (name, buffer) in self.momentum.iter_mut() {
-                let Some(param) = vars.get(name) else {
-                    continue;
-                };
+            for (name, param) in &vars {
                 let grad = param.grad();
                 if !grad.defined() {
                     continue;
                 }
-                let d = &grad + param * optimizer.weight_decay;
-                if buffer.defined() {
-                    *buffer = &*buffer * optimizer.momentum + &d;
-                } else {
-                    *buffer = d.copy();
-                }
                 let mut p = param.shallow_clone();
-                let _ = p.f_sub_(&(&*buffer * lr));
+                match optimizer.kind {
+                    OptimizerKind::Sgd => {
+                        let d = &grad + param * optimizer.weight_decay;
+                        let buffer = self
+                            .buffers
+                            .entry(format!("momentum/{name}"))
+                            .and_modify(|b| *b = &*b * optimizer.momentum + &d)
+                            .or_insert_with(|| d.copy());
+                        let _ = p.f_sub_(&(&*buffer * lr));
+                    }
+                    OptimizerKind::AdamW => {
+                        let (b1, b2) = optimizer.betas;
+                        let _ = p.f_mul_scalar_(1.0 - lr * optimizer.weight_decay);
+                        let m = self
+                            .buffers
+                            .entry(format!("exp_avg/{name}"))
+                            .or_insert_with(|| grad.zeros_like());
+                        *m = &*m * b1 + &grad * (1.0 - b1);
+                        let m_hat = &*m / (1.0 - b1.powi(t));
+                        let v = self
+                            .buffers
+                            .entry(format!("exp_avg_sq/{name}"))
+                            .or_insert_with(|| grad.zeros_like());
+                        *v = &*v * b2 + grad.square() * (1.0 - b2);
+                        let v_hat = &*v / (1.0 - b2.powi(t));
+                        let _ = p.f_sub_(&(m_hat / (v_hat.sqrt() + optimizer.eps) * lr));
+                    }
+                }
             }
         });
     }
@@ -708,13 +734,13 @@ impl TrainState {
         vars
     }
 
-    fn with_momentum(&self, model: &AgiqaModel) -> Vec<(String, Tensor)> {
+    /// Parameters plus optimiser state, for the `last` checkpoint.
+    fn with_optimizer_state(&self, model: &AgiqaModel) -> Vec<(String, Tensor)> {
         let mut all = self.parameters(model);
-        for (name, buffer) in &self.momentum {
-            if buffer.defined() {
-                all.push((format!("momentum/{name}"), buffer.shallow_clone()));
-            }
+        for (name, buffer) in &self.buffers {
+            all.push((format!("optimizer/{name}"), buffer.shallow_clone()));
         }
+        all.push(("optimizer/steps".into(), Tensor::from(self.steps)));
         all
     }
 
@@ -724,19 +750,17 @@ impl TrainState {
         tensors: &[(String, Tensor)],
     ) -> Result<(), TrainError> {
         let device = model.clip().device();
-        let (momentum, parameters): (Vec<_>, Vec<_>) = tensors
-            .iter()
-            .partition(|(n, _)| n.starts_with("momentum/"));
-        for (name, tensor) in momentum {
-            let param_name = &name["momentum/".len()..];
-            if let Some((_, buffer)) = self.momentum.iter_mut().find(|(n, _)| n == param_name) {
-                *buffer = tensor.to_device(device);
+        let mut parameters = Vec::new();
+        for (name, tensor) in tensors {
+            match name.strip_prefix("optimizer/") {
+                Some("steps") => self.steps = tensor.int64_value(&[]),
+                Some(buffer) => {
+                    self.buffers
+                        .insert(buffer.to_string(), tensor.to_device(device));
+                }
+                None => parameters.push((name.clone(), tensor.shallow_clone())),
             }
         }
-        let parameters: Vec<(String, Tensor)> = parameters
-            .into_iter()
-            .map(|(n, t)| (n.clone(), t.shallow_clone()))
-            .collect();
         load_trainable(model, &parameters)
     }
 }

@@ -545,7 +545,7 @@ mod tests {
         let compressed = std::fs::read(dir.join("rt_true.mat")).unwrap();
         let plain = std::fs::read(dir.join("rt_false.mat")).unwrap();
         let a_only = dir.join("a.mat");
-        write_mat_file(&a_only, &[a.clone()], true).unwrap();
+        write_mat_file(&a_only, std::slice::from_ref(&a), true).unwrap();
         let mut mixed = std::fs::read(&a_only).unwrap();
         assert_ne!(
             mixed.len() % 8,

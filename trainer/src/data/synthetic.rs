@@ -1,7 +1,8 @@
 //! Synthetic datasets in the real on-disk formats, whose MOS is a known function of controlled
 //! distortions: for end-to-end runs and tests where the real images cannot be downloaded.
 //!
-//! Every image is a procedural scene ([`crate::synthetic::procedural_scene`]), `size` wide and
+//! Every image is one of [`REFERENCE_SCENES`] procedural scenes
+//! ([`crate::synthetic::procedural_scene`]), `size` wide and
 //! `size·3/4` high (not square, so resizing and cropping matter), with
 //! - a primary distortion of a uniformly drawn kind and severity `s1 ~ U[0, 1]`, and
 //! - with probability 1/2, a mild secondary distortion of another kind, `s2 ~ U[0, 0.3]`.
@@ -47,6 +48,8 @@ pub struct SynthOptions {
     /// Image width in pixels; the height is `size·3/4`.
     pub size: u32,
     pub seed: u64,
+    /// Distortion kinds to draw from (a subset of [`KINDS`]); all four by default.
+    pub kinds: Vec<&'static str>,
 }
 
 impl Default for SynthOptions {
@@ -55,12 +58,18 @@ impl Default for SynthOptions {
             images: 300,
             size: 256,
             seed: 0,
+            kinds: KINDS.to_vec(),
         }
     }
 }
 
 /// The distortion kinds, in the order they are drawn.
 pub const KINDS: [&str; 4] = ["blur", "noise", "jpeg", "colour"];
+
+/// Distinct clean scenes. Like the classic IQA databases (a few reference images, each under
+/// many distortions), every scene appears many times, so the quality signal is the distortion,
+/// not the content: a small frozen encoder with random weights can then learn it.
+pub const REFERENCE_SCENES: usize = 24;
 
 /// Images per prompt in the AGIQA-3K-like set (the real one has about 10).
 pub const IMAGES_PER_PROMPT: usize = 5;
@@ -183,26 +192,28 @@ struct Draw {
     rng: SplitMix64,
 }
 
-fn draw(seed: u64, index: usize) -> Draw {
+fn draw(seed: u64, index: usize, kinds: &[&'static str]) -> Draw {
     let mut rng = SplitMix64::new(seed ^ (index as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
     rng.next_u64();
-    let first = (rng.next_u64() % 4) as usize;
-    let mut distortions = vec![(KINDS[first], f64::from(rng.uniform()))];
-    if rng.uniform() < 0.5 {
-        let second = (first + 1 + (rng.next_u64() % 3) as usize) % 4;
-        distortions.push((KINDS[second], 0.3 * f64::from(rng.uniform())));
+    let n = kinds.len().max(1) as u64;
+    let first = (rng.next_u64() % n) as usize;
+    let mut distortions = vec![(kinds[first], f64::from(rng.uniform()))];
+    if rng.uniform() < 0.5 && n > 1 {
+        let second = (first + 1 + (rng.next_u64() % (n - 1)) as usize) % n as usize;
+        distortions.push((kinds[second], 0.3 * f64::from(rng.uniform())));
     }
     Draw { distortions, rng }
 }
 
-fn render(
-    scene_seed: u64,
-    width: u32,
-    height: u32,
-    distortions: &[(&str, f64)],
-    noise_seed: u64,
-) -> RgbImage {
-    let mut image = procedural_scene(scene_seed, width, height);
+/// The clean reference scenes, rendered once.
+fn reference_scenes(seed: u64, width: u32, height: u32) -> Vec<RgbImage> {
+    (0..REFERENCE_SCENES)
+        .map(|i| procedural_scene(seed.wrapping_add(i as u64 * 7919), width, height))
+        .collect()
+}
+
+fn render(clean: &RgbImage, distortions: &[(&str, f64)], noise_seed: u64) -> RgbImage {
+    let mut image = clean.clone();
     for (i, &(kind, s)) in distortions.iter().enumerate() {
         image = distortion(kind, s).apply(&image, noise_seed.wrapping_add(i as u64));
     }
@@ -300,12 +311,14 @@ fn csv_field(s: &str) -> String {
 /// Writes an AGIQA-3K-like dataset into `dir`: `data.csv` with the real columns and JPEG images
 /// beside it. The first 2982 images take the real names (`AttnGAN_normal_000.jpg`, ...), so the
 /// reference split applies; later ones are `synthetic_normal_{i}.jpg`. Prompts cycle through a
-/// vocabulary, [`IMAGES_PER_PROMPT`] images each, and all images of a prompt share one scene.
+/// vocabulary, [`IMAGES_PER_PROMPT`] images each; all images of a prompt share one scene, prompt
+/// `p` showing reference scene `p mod` [`REFERENCE_SCENES`].
 pub fn write_agiqa3k_like(dir: &Path, options: &SynthOptions) -> Result<SynthSummary, DataError> {
     create_dir(dir)?;
     let (width, height) = image_size(options);
     let names = real_agiqa3k_names();
     let prompts = options.images.div_ceil(IMAGES_PER_PROMPT).max(1);
+    let scenes = reference_scenes(options.seed, width, height);
     let records = parallel(options.images, |i| {
         let name = names
             .get(i)
@@ -315,14 +328,8 @@ pub fn write_agiqa3k_like(dir: &Path, options: &SynthOptions) -> Result<SynthSum
         let Draw {
             distortions,
             mut rng,
-        } = draw(options.seed, i);
-        let image = render(
-            options.seed.wrapping_add(p as u64 * 7919),
-            width,
-            height,
-            &distortions,
-            rng.next_u64(),
-        );
+        } = draw(options.seed, i, &options.kinds);
+        let image = render(&scenes[p % REFERENCE_SCENES], &distortions, rng.next_u64());
         let path = dir.join(&name);
         let file = std::fs::File::create(&path).map_err(|e| write_err(&path, e))?;
         let encoder =
@@ -386,18 +393,13 @@ pub fn write_aigciqa2023_like(
     create_dir(&dir.join("Image").join("allimg"))?;
     let (width, height) = image_size(options);
     let dimensions: Vec<&'static str> = aigciqa2023::DIMENSIONS.iter().map(|d| d.0).collect();
+    let scenes = reference_scenes(options.seed, width, height);
     let records = parallel(options.images, |i| {
         let Draw {
             distortions,
             mut rng,
-        } = draw(options.seed, i);
-        let image = render(
-            options.seed.wrapping_add(i as u64 * 7919),
-            width,
-            height,
-            &distortions,
-            rng.next_u64(),
-        );
+        } = draw(options.seed, i, &options.kinds);
+        let image = render(&scenes[i % REFERENCE_SCENES], &distortions, rng.next_u64());
         let path = aigciqa2023::image_path(dir, i);
         let file = std::fs::File::create(&path).map_err(|e| write_err(&path, e))?;
         let encoder = image::codecs::png::PngEncoder::new_with_quality(
@@ -521,12 +523,14 @@ mod tests {
 
     #[test]
     fn draws_are_deterministic_and_cover_every_kind() {
-        let a: Vec<_> = (0..200).map(|i| draw(5, i).distortions).collect();
-        let b: Vec<_> = (0..200).map(|i| draw(5, i).distortions).collect();
+        let a: Vec<_> = (0..200).map(|i| draw(5, i, &KINDS).distortions).collect();
+        let b: Vec<_> = (0..200).map(|i| draw(5, i, &KINDS).distortions).collect();
         assert_eq!(a, b);
         assert_ne!(
             a,
-            (0..200).map(|i| draw(6, i).distortions).collect::<Vec<_>>()
+            (0..200)
+                .map(|i| draw(6, i, &KINDS).distortions)
+                .collect::<Vec<_>>()
         );
         for kind in KINDS {
             assert!(a.iter().filter(|d| d[0].0 == kind).count() > 25, "{kind}");
