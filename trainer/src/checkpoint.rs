@@ -133,19 +133,20 @@ pub fn save<M: Serialize>(
     write_atomic(&json_path, &json).map_err(write_err(&json_path))
 }
 
-/// Reads only the description of checkpoint `stem`.
-pub fn load_meta<M: DeserializeOwned>(stem: &Path) -> Result<M, CheckpointError> {
-    let (_, json_path) = paths(stem);
-    let raw = std::fs::read(&json_path).map_err(|source| CheckpointError::Read {
-        path: json_path.clone(),
+fn read_envelope<M: DeserializeOwned>(json_path: &Path) -> Result<Envelope<M>, CheckpointError> {
+    let raw = std::fs::read(json_path).map_err(|source| CheckpointError::Read {
+        path: json_path.to_path_buf(),
         source,
     })?;
-    let envelope: Envelope<M> =
-        serde_json::from_slice(&raw).map_err(|e| CheckpointError::Json {
-            path: json_path.clone(),
-            reason: e.to_string(),
-        })?;
-    Ok(envelope.meta)
+    serde_json::from_slice(&raw).map_err(|e| CheckpointError::Json {
+        path: json_path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// Reads only the description of checkpoint `stem`.
+pub fn load_meta<M: DeserializeOwned>(stem: &Path) -> Result<M, CheckpointError> {
+    Ok(read_envelope::<M>(&paths(stem).1)?.meta)
 }
 
 /// Loads checkpoint `stem`: its tensors (CPU) and description, after checking they belong
@@ -154,15 +155,7 @@ pub fn load<M: DeserializeOwned>(
     stem: &Path,
 ) -> Result<(Vec<(String, Tensor)>, M), CheckpointError> {
     let (tensor_path, json_path) = paths(stem);
-    let raw = std::fs::read(&json_path).map_err(|source| CheckpointError::Read {
-        path: json_path.clone(),
-        source,
-    })?;
-    let envelope: Envelope<M> =
-        serde_json::from_slice(&raw).map_err(|e| CheckpointError::Json {
-            path: json_path.clone(),
-            reason: e.to_string(),
-        })?;
+    let envelope: Envelope<M> = read_envelope(&json_path)?;
     let bytes = std::fs::read(&tensor_path).map_err(|source| CheckpointError::Read {
         path: tensor_path.clone(),
         source,

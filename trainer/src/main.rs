@@ -437,15 +437,24 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn eval(args: EvalArgs) -> anyhow::Result<()> {
-    let device = device_from(&args.device)?;
-    let tokenizer = args.clip.tokenizer()?;
-    let clip = match args.clip.source()? {
-        Some(_) => Some(args.clip.load(device)?.0),
+/// Loads a checkpoint with the CLIP given on the command line, or else the one it records.
+fn checkpoint_with_clip(
+    checkpoint: &std::path::Path,
+    clip: &ClipArgs,
+    device: &str,
+) -> anyhow::Result<agiqa_trainer::evaluate::LoadedCheckpoint> {
+    let device = device_from(device)?;
+    let tokenizer = clip.tokenizer()?;
+    let clip = match clip.source()? {
+        Some(_) => Some(clip.load(device)?.0),
         None => None,
     };
-    let loaded = load_checkpoint(&args.checkpoint, clip, &tokenizer, device)
-        .with_context(|| format!("cannot load checkpoint {}", args.checkpoint.display()))?;
+    load_checkpoint(checkpoint, clip, &tokenizer, device)
+        .with_context(|| format!("cannot load checkpoint {}", checkpoint.display()))
+}
+
+fn eval(args: EvalArgs) -> anyhow::Result<()> {
+    let loaded = checkpoint_with_clip(&args.checkpoint, &args.clip, &args.device)?;
     let dataset = args.data.load()?;
     let report = evaluate_dataset(&loaded, &dataset, None)?;
     print!("{report}");
@@ -480,14 +489,7 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
 }
 
 fn predict(args: PredictArgs) -> anyhow::Result<()> {
-    let device = device_from(&args.device)?;
-    let tokenizer = args.clip.tokenizer()?;
-    let clip = match args.clip.source()? {
-        Some(_) => Some(args.clip.load(device)?.0),
-        None => None,
-    };
-    let loaded = load_checkpoint(&args.checkpoint, clip, &tokenizer, device)
-        .with_context(|| format!("cannot load checkpoint {}", args.checkpoint.display()))?;
+    let loaded = checkpoint_with_clip(&args.checkpoint, &args.clip, &args.device)?;
     let mut failed = 0;
     println!("path,{}", loaded.meta.dimension);
     for (path, result) in args.images.iter().zip(predict_files(&loaded, &args.images)) {

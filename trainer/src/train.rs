@@ -134,21 +134,59 @@ fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     }
 }
 
-/// Picks the device a config names.
+/// Makes libtorch's CUDA backend available when the machine has it, and says why not otherwise.
+///
+/// The linker drops `libtorch_cuda.so` (nothing references it by symbol), and linking it
+/// unconditionally would stop the binary from starting on machines without CUDA libraries. So
+/// it is loaded here, at run time: its static initialisers register CUDA with libtorch.
+pub fn enable_cuda() -> Result<(), String> {
+    static LOADED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    LOADED
+        .get_or_init(|| {
+            // SAFETY: loading libtorch's own CUDA library runs only libtorch's initialisers.
+            let library = unsafe { libloading::Library::new("libtorch_cuda.so") }.map_err(|e| {
+                let detail = std::error::Error::source(&e)
+                    .map(|s| format!(": {s}"))
+                    .unwrap_or_default();
+                format!("libtorch_cuda.so could not be loaded ({e}{detail})")
+            })?;
+            // Kept loaded for the life of the process.
+            std::mem::forget(library);
+            if tch::Cuda::is_available() {
+                Ok(())
+            } else {
+                Err("libtorch_cuda.so is loaded but no CUDA device is visible".into())
+            }
+        })
+        .clone()
+}
+
+/// Picks the device a config names: `auto` (CUDA when available, else CPU, saying why),
+/// `cpu`, `cuda` or `cuda:N` (an error when CUDA cannot be used).
 pub fn device_from(name: &str) -> Result<Device, TrainError> {
+    let cuda = |index: usize| {
+        enable_cuda()
+            .map(|()| Device::Cuda(index))
+            .map_err(|reason| {
+                TrainError::Invalid(format!("device {name:?} requested but {reason}"))
+            })
+    };
     match name {
-        "auto" => Ok(Device::cuda_if_available()),
+        "auto" => Ok(match enable_cuda() {
+            Ok(()) => Device::Cuda(0),
+            Err(reason) => {
+                eprintln!("note: running on CPU ({reason})");
+                Device::Cpu
+            }
+        }),
         "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::Cuda(0)),
-        other => other
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .map(Device::Cuda)
-            .ok_or_else(|| {
-                TrainError::Invalid(format!(
-                    "unknown device {other:?}: use cpu, cuda, cuda:N or auto"
-                ))
-            }),
+        "cuda" => cuda(0),
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(index) => cuda(index),
+            None => Err(TrainError::Invalid(format!(
+                "unknown device {other:?}: use cpu, cuda, cuda:N or auto"
+            ))),
+        },
     }
 }
 
