@@ -604,11 +604,12 @@ impl TrainJob<'_> {
         write_predictions(dir, self.dataset, &split.test, &predictions)?;
         let test_mos: Vec<f64> = split.test.iter().map(|&i| mos[i]).collect();
         let logistic = Logistic4::fit(&predictions, &test_mos);
+        // Short enough for the plot width; the full protocol label is in metrics.json.
         let title = format!(
-            "{} {} — {} (test, epoch {best_epoch})",
+            "{} / {} — test set, epoch {best_epoch} ({}-selected)",
             self.dataset.name,
             self.dataset.dimension,
-            protocol_label(split)
+            selection_name(split)
         );
         crate::plots::plot_scatter(
             &dir.join("scatter.png"),
