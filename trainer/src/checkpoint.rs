@@ -144,11 +144,6 @@ fn read_envelope<M: DeserializeOwned>(json_path: &Path) -> Result<Envelope<M>, C
     })
 }
 
-/// Reads only the description of checkpoint `stem`.
-pub fn load_meta<M: DeserializeOwned>(stem: &Path) -> Result<M, CheckpointError> {
-    Ok(read_envelope::<M>(&paths(stem).1)?.meta)
-}
-
 /// Loads checkpoint `stem`: its tensors (CPU) and description, after checking they belong
 /// together.
 pub fn load<M: DeserializeOwned>(

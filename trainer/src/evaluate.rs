@@ -142,22 +142,42 @@ pub fn predict_files(
     loaded: &LoadedCheckpoint,
     paths: &[PathBuf],
 ) -> Vec<Result<f64, PreprocessError>> {
+    const BATCH: usize = 32;
     let preprocessor = Preprocessor::new(loaded.meta.preprocessing.clone());
     let size = i64::from(loaded.meta.preprocessing.image_size);
     let text = tch::no_grad(|| loaded.model.text_features());
-    paths
-        .iter()
-        .map(|path| {
-            let pixels = preprocessor.preprocess_file(path, &DecodeLimits::default())?;
-            let x = Tensor::from_slice(&pixels).view([1, 3, size, size]);
-            let score = tch::no_grad(|| {
-                let image = loaded.model.image_features(&x);
-                loaded
-                    .model
-                    .scores(&image, &text, false)
-                    .to_kind(Kind::Double)
-            });
-            Ok(f64::try_from(&score.squeeze()).unwrap_or(f64::NAN))
-        })
-        .collect()
+    let mut results: Vec<Result<f64, PreprocessError>> = Vec::with_capacity(paths.len());
+    // Images go through the encoder in batches; a file that fails keeps its error in place.
+    for chunk in paths.chunks(BATCH) {
+        let mut pixels = Vec::with_capacity(chunk.len() * preprocessor.config().tensor_len());
+        let mut good = Vec::with_capacity(chunk.len());
+        for path in chunk {
+            match preprocessor.preprocess_file(path, &DecodeLimits::default()) {
+                Ok(p) => {
+                    pixels.extend(p);
+                    good.push(results.len());
+                    results.push(Ok(f64::NAN));
+                }
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        if good.is_empty() {
+            continue;
+        }
+        let x = Tensor::from_slice(&pixels).view([good.len() as i64, 3, size, size]);
+        let scores = tch::no_grad(|| {
+            let image = loaded.model.image_features(&x);
+            loaded
+                .model
+                .scores(&image, &text, false)
+                .to_kind(Kind::Double)
+                .to_device(tch::Device::Cpu)
+        });
+        let scores: Vec<f64> =
+            Vec::try_from(&scores).unwrap_or_else(|_| vec![f64::NAN; good.len()]);
+        for (&i, score) in good.iter().zip(scores) {
+            results[i] = Ok(score);
+        }
+    }
+    results
 }

@@ -450,7 +450,7 @@ impl TrainJob<'_> {
         let log_path = dir.join("log.jsonl");
         let last = dir.join("last");
 
-        let mut state = TrainState::new(&model);
+        let mut state = TrainState::new();
         let mut start_epoch = 0;
         if checkpoint::paths(&last).1.exists() {
             if !self.resume {
@@ -706,7 +706,7 @@ struct TrainState {
 }
 
 impl TrainState {
-    fn new(_model: &AgiqaModel) -> Self {
+    fn new() -> Self {
         TrainState {
             buffers: Default::default(),
             steps: 0,
