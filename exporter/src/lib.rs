@@ -1,3 +1,59 @@
-//! Exporter: turns a trained CLIP-AGIQA checkpoint into one ONNX graph (image encoder + head,
-//! text branch frozen into constants). Its work is tracked in its own issue; this crate holds
-//! the place in the workspace layout.
+//! The exporter: turns trained CLIP-AGIQA checkpoints into one ONNX graph — the CLIP image
+//! tower plus the head(s), with the text branch frozen and folded into constants — verifies it
+//! against the trainer with ONNX Runtime, and writes Triton model repositories.
+//!
+//! - [`onnx_proto`]: the ONNX protobuf messages we write (prost);
+//! - [`graph`]: a graph builder and CLIP's composite layers;
+//! - [`vision`]: the ViT and ModifiedResNet towers;
+//! - [`fold`]: freezing the prompts and folding them into the head;
+//! - [`export`]: assembling the graph and its metadata, writing it atomically;
+//! - [`verify`]: ONNX Runtime against the trainer's forward;
+//! - [`triton`]: Triton Inference Server model repositories.
+
+use std::path::PathBuf;
+
+pub mod export;
+pub mod fold;
+pub mod graph;
+pub mod onnx_proto;
+pub mod triton;
+pub mod verify;
+pub mod vision;
+
+pub use export::{build_model, write_model, ExportOptions, ExportedModel, HeadSource, InputKind};
+pub use graph::Precision;
+
+/// Why an export failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("no checkpoint given")]
+    NoCheckpoints,
+    #[error(
+        "the CLIP weights have no tensor {0:?}; the checkpoint does not match its architecture"
+    )]
+    MissingTensor(String),
+    #[error("the model does not match its config: {0}")]
+    Mismatch(String),
+    #[error("these checkpoints cannot share one graph: {0}")]
+    Incompatible(String),
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Train(#[from] agiqa_trainer::train::TrainError),
+    #[error(transparent)]
+    OrtLibrary(#[from] agiqa_runtime::onnxruntime::OrtLibraryError),
+    #[error("ONNX Runtime: {0}")]
+    Ort(#[from] ort::Error),
+    #[error("internal exporter error: {0}")]
+    Internal(String),
+}

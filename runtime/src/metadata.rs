@@ -15,6 +15,31 @@ pub const METADATA_FORMAT_VERSION: u32 = 1;
 /// Prefix of every key this project writes into ONNX `metadata_props`.
 pub const METADATA_KEY_PREFIX: &str = "agiqa.";
 
+/// The graph contract between the exporter and the runtime: input and output names.
+///
+/// An exported model has exactly one input, either
+/// - [`INPUT_PIXEL_VALUES`]: float32 `[N, 3, R, R]`, pixels already normalised with the
+///   model's [`Preprocessing`] mean and std (what the trainer's forward takes), or
+/// - [`INPUT_PIXELS_UINT8`]: uint8 `[N, R, R, 3]`, the resized and cropped RGB pixels
+///   (`Preprocessor::resize_and_crop`); the graph normalises and transposes them itself, so a
+///   quarter of the bytes cross to the device;
+///
+/// and exactly one output, float32 in each head's MOS scale:
+/// - [`OUTPUT_SCORE`] `[N]` when the model has one head, or
+/// - [`OUTPUT_SCORES`] `[N, H]` with column `h` the head `heads[h]` of [`ModelMetadata`];
+///
+/// optionally followed by [`OUTPUT_IMAGE_FEATURES`], float32 `[N, E]`, the L2-normalised CLIP
+/// image embeddings (exported on request, for retrieval or deduplication beside the scores).
+pub const INPUT_PIXEL_VALUES: &str = "pixel_values";
+/// See [`INPUT_PIXEL_VALUES`].
+pub const INPUT_PIXELS_UINT8: &str = "pixels_uint8";
+/// See [`INPUT_PIXEL_VALUES`].
+pub const OUTPUT_SCORE: &str = "score";
+/// See [`INPUT_PIXEL_VALUES`].
+pub const OUTPUT_SCORES: &str = "scores";
+/// See [`INPUT_PIXEL_VALUES`].
+pub const OUTPUT_IMAGE_FEATURES: &str = "image_features";
+
 /// What a score means: its dimension and scale.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ScoreScale {
@@ -40,6 +65,15 @@ pub struct HeadInfo {
     pub metrics: Option<Correlations>,
     /// SHA-256 of the checkpoint the head came from.
     pub checkpoint_sha256: Option<String>,
+    /// How the head scores: `regression`, `classification` or `zero-shot`.
+    #[serde(default)]
+    pub variant: Option<String>,
+    /// The head's quality categories and context length; heads of one model may differ
+    /// (the model-level fields describe the first head).
+    #[serde(default)]
+    pub categories: Option<Vec<String>>,
+    #[serde(default)]
+    pub context_len: Option<usize>,
 }
 
 /// Everything a consumer of a trained or exported model needs to know about it.
@@ -161,6 +195,9 @@ mod tests {
                 protocol: Some("paper-reference-split".into()),
                 metrics: None,
                 checkpoint_sha256: Some("ab".repeat(32)),
+                variant: Some("regression".into()),
+                categories: None,
+                context_len: Some(16),
             }],
             clip_weights_sha256: Some("cd".repeat(32)),
         }

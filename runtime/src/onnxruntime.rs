@@ -82,7 +82,7 @@ pub fn locate_library(explicit: Option<&Path>) -> Result<PathBuf, OrtLibraryErro
 /// holds only a weak reference to it).
 struct Loaded {
     path: PathBuf,
-    _environment: ort::environment::Environment,
+    environment: ort::environment::Environment,
 }
 
 static LOADED: OnceLock<Loaded> = OnceLock::new();
@@ -105,9 +105,14 @@ pub fn init(explicit: Option<&Path>) -> Result<&'static Path, OrtLibraryError> {
         .map_err(|e| load_failed(e.to_string()))?;
     let loaded = LOADED.get_or_init(|| Loaded {
         path: path.clone(),
-        _environment: environment,
+        environment,
     });
     Ok(&loaded.path)
+}
+
+/// The process-wide environment sessions are built in; [`init`] must have succeeded.
+pub fn environment() -> Option<&'static ort::environment::Environment> {
+    LOADED.get().map(|loaded| &loaded.environment)
 }
 
 /// Version string of the loaded library (e.g. `1.31.1`).

@@ -45,6 +45,81 @@ enum Command {
     Synth(SynthArgs),
     /// Write procedurally generated images with distortions of increasing strength.
     SynthImages(SynthImagesArgs),
+    /// Write an untrained checkpoint (learned parts at their initialisation), to export,
+    /// benchmark or check an architecture before training, e.g. `--random ViT-B/16`.
+    Init(InitArgs),
+}
+
+#[derive(Args)]
+struct InitArgs {
+    #[command(flatten)]
+    clip: ClipArgs,
+    /// Folder for `best.safetensors` + `best.json`.
+    #[arg(long)]
+    out: PathBuf,
+    /// regression, classification or zero-shot.
+    #[arg(long, default_value = "regression")]
+    variant: String,
+    /// Quality categories: adjectives6, adjectives8, scores6, or a comma-separated list.
+    #[arg(long, default_value = "adjectives6")]
+    categories: String,
+    #[arg(long, default_value_t = 16)]
+    context_len: usize,
+    /// Score scale `MIN,MAX` (AGIQA-3K: 0,5; AIGCIQA2023: 0,100).
+    #[arg(long, default_value = "0,5")]
+    score_scale: String,
+    /// Name of the rated dimension.
+    #[arg(long, default_value = "quality")]
+    dimension: String,
+    /// Seeds the context and head initialisation.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+fn parse_variant(name: &str) -> anyhow::Result<Variant> {
+    Ok(match name {
+        "regression" => Variant::Regression,
+        "classification" => Variant::Classification,
+        "zero-shot" => Variant::ZeroShot,
+        other => bail!("unknown variant {other:?}: regression, classification or zero-shot"),
+    })
+}
+
+fn init(args: InitArgs) -> anyhow::Result<()> {
+    let source = args
+        .clip
+        .source()?
+        .context("give --clip <weights> or --random <architecture>")?;
+    let (min, max) = args
+        .score_scale
+        .split_once(',')
+        .and_then(|(a, b)| Some((a.trim().parse::<f64>().ok()?, b.trim().parse::<f64>().ok()?)))
+        .with_context(|| format!("--score-scale {:?} is not MIN,MAX", args.score_scale))?;
+    let model = agiqa_trainer::model::ModelConfig {
+        variant: parse_variant(&args.variant)?,
+        categories: parse_categories(&args.categories)?,
+        context_len: args.context_len,
+        score_min: min,
+        score_max: max,
+        ..Default::default()
+    };
+    let stem = agiqa_trainer::train::write_untrained(
+        &source,
+        &model,
+        &args.dimension,
+        args.seed,
+        &args.out,
+        &args.clip.tokenizer()?,
+        device_from(&args.device)?,
+    )?;
+    println!(
+        "wrote untrained checkpoint {} (CLIP {})",
+        stem.display(),
+        source.describe()
+    );
+    Ok(())
 }
 
 #[derive(Args)]
@@ -54,7 +129,7 @@ struct ClipArgs {
     #[arg(long, conflicts_with = "random")]
     clip: Option<PathBuf>,
     /// Use randomly initialised weights of this architecture instead (ViT-B/16, ViT-B/32,
-    /// ViT-L/14, RN50, RN101, tiny): no meaning in the features, but shapes and speed are real.
+    /// ViT-L/14, RN50, RN101, tiny, tiny-rn): no meaning in the features, but shapes and speed are real.
     #[arg(long)]
     random: Option<String>,
     /// Seed for --random.
@@ -71,7 +146,7 @@ impl ClipArgs {
             (Some(path), _) => Some(ClipSource::File { path: path.clone() }),
             (None, Some(preset)) => {
                 if ClipConfig::preset(preset).is_none() {
-                    bail!("unknown architecture {preset:?}; one of: ViT-B/16, ViT-B/32, ViT-L/14, RN50, RN101, tiny");
+                    bail!("unknown architecture {preset:?}; one of: ViT-B/16, ViT-B/32, ViT-L/14, RN50, RN101, tiny, tiny-rn");
                 }
                 Some(ClipSource::Random {
                     preset: preset.clone(),
@@ -321,6 +396,7 @@ fn main() -> anyhow::Result<()> {
         Command::Embed(args) => embed(args),
         Command::Synth(args) => synth(args),
         Command::SynthImages(args) => synth_images(args),
+        Command::Init(args) => init(args),
     }
 }
 
@@ -359,12 +435,7 @@ fn train_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
         c.model.categories = parse_categories(v)?;
     }
     if let Some(v) = &args.variant {
-        c.model.variant = match v.as_str() {
-            "regression" => Variant::Regression,
-            "classification" => Variant::Classification,
-            "zero-shot" => Variant::ZeroShot,
-            other => bail!("unknown variant {other:?}: regression, classification or zero-shot"),
-        };
+        c.model.variant = parse_variant(v)?;
     }
     if args.whiten_features {
         c.model.image_norm = agiqa_trainer::model::ImageNorm::Whiten;

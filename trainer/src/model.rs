@@ -365,6 +365,12 @@ impl AgiqaModel {
         self.prompt.as_ref()
     }
 
+    /// The fixed [`ImageNorm::Whiten`] map `(mean [E], whitening [E, E])`, if any (exporters fold
+    /// it into the head's first layer).
+    pub fn image_norm(&self) -> Option<(&Tensor, &Tensor)> {
+        self.image_norm.as_ref().map(|(mean, w)| (mean, w))
+    }
+
     /// The regression head (regression variant only).
     pub fn head(&self) -> Option<&QualityHead> {
         self.head.as_ref()

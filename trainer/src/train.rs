@@ -977,3 +977,53 @@ impl std::fmt::Display for RunSummary {
         Ok(())
     }
 }
+
+/// Writes `<dir>/best` for a model that has not been trained: the CLIP from `source`, the
+/// learned parts at their seeded initialisation, score scale `[score_min, score_max]` from
+/// `model`. For exporting, benchmarking and parity checks of an architecture before (or
+/// without) training, e.g. a ViT-B/16 of random weights. Returns the checkpoint stem.
+pub fn write_untrained(
+    source: &ClipSource,
+    model: &crate::model::ModelConfig,
+    dimension: &str,
+    seed: u64,
+    dir: &Path,
+    tokenizer: &ClipTokenizer,
+    device: Device,
+) -> Result<PathBuf, TrainError> {
+    let clip = source.load(device)?;
+    let fingerprint = clip_fingerprint(&clip);
+    let clip_name = clip.config().name();
+    let clip_config = clip.config().clone();
+    tch::manual_seed(seed as i64);
+    let built = AgiqaModel::new(clip, tokenizer, model)?;
+    let mut parameters: Vec<(String, Tensor)> = built.trainable().variables().into_iter().collect();
+    parameters.sort_by(|a, b| a.0.cmp(&b.0));
+    let train_config = TrainConfig {
+        model: model.clone(),
+        epochs: 0,
+        seed,
+        ..TrainConfig::default()
+    };
+    let meta = CheckpointMeta {
+        format: CHECKPOINT_FORMAT.into(),
+        model: model.clone(),
+        preprocessing: Preprocessing::clip(clip_config.image_resolution() as u32),
+        clip_name,
+        clip_config,
+        clip_source: source.clone(),
+        clip_sha256: fingerprint,
+        dataset: "none (untrained)".into(),
+        dimension: dimension.into(),
+        score_scale: (model.score_min, model.score_max),
+        protocol: "untrained: initial weights, never evaluated".into(),
+        epoch: 0,
+        metrics: None,
+        selected_on: "none".into(),
+        best: None,
+        train_config,
+    };
+    let stem = dir.join("best");
+    checkpoint::save(&stem, &parameters, &meta)?;
+    Ok(stem)
+}

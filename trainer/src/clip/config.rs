@@ -97,6 +97,10 @@ pub const PRESET_NAMES: [&str; 8] = [
 /// it runs with random weights, whose frozen features still carry blur, noise and colour cues.
 pub const TINY_PRESET: &str = "tiny";
 
+/// The ModifiedResNet counterpart of [`TINY_PRESET`]: one bottleneck per stage, stem width 16
+/// (pooled width 512, 8 heads), real 224-pixel input, the tiny text tower.
+pub const TINY_RN_PRESET: &str = "tiny-rn";
+
 impl ClipConfig {
     /// The configuration of a released OpenAI model, e.g. `"ViT-B/16"` or `"RN50"`.
     /// `ViT-L/14@336px` is also accepted.
@@ -131,13 +135,18 @@ impl ClipConfig {
             "ViT-L/14" => (768, vit(14, 1024, 24, 224), 768),
             "ViT-L/14@336px" => (768, vit(14, 1024, 24, 336), 768),
             TINY_PRESET => (256, vit(16, 256, 2, 224), 256),
+            TINY_RN_PRESET => (256, resnet([1, 1, 1, 1], 16, 224), 256),
             _ => return None,
         };
         let text = TextConfig {
             context_length: 77,
             vocab_size: 49408,
             width: text_width,
-            layers: if name == TINY_PRESET { 2 } else { 12 },
+            layers: if name == TINY_PRESET || name == TINY_RN_PRESET {
+                2
+            } else {
+                12
+            },
             heads: text_width / 64,
             activation: Activation::QuickGelu,
             layer_norm_eps: default_layer_norm_eps(),
@@ -152,10 +161,11 @@ impl ClipConfig {
     /// The preset name when this is one (`"ViT-B/16"`), otherwise a short description of the
     /// custom architecture.
     pub fn name(&self) -> String {
-        let presets = PRESET_NAMES
-            .iter()
-            .copied()
-            .chain(["ViT-L/14@336px", TINY_PRESET]);
+        let presets =
+            PRESET_NAMES
+                .iter()
+                .copied()
+                .chain(["ViT-L/14@336px", TINY_PRESET, TINY_RN_PRESET]);
         if let Some(name) = presets
             .into_iter()
             .find(|n| Self::preset(n).as_ref() == Some(self))
