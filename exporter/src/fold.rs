@@ -139,3 +139,58 @@ impl FoldedHead {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agiqa_trainer::clip::{Clip, ClipConfig};
+    use agiqa_trainer::model::{ImageNorm, ModelConfig};
+    use agiqa_trainer::tokenizer::ClipTokenizer;
+    use tch::Device;
+
+    /// `[n, E]` deterministic unit vectors (no global libtorch RNG).
+    fn unit_rows(n: i64, e: i64, seed: u64) -> Tensor {
+        let mut rng = agiqa_trainer::synthetic::SplitMix64::new(seed);
+        let values: Vec<f32> = (0..n * e)
+            .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+            .collect();
+        let x = Tensor::from_slice(&values).view([n, e]);
+        &x / x.norm_scalaropt_dim(2, [-1i64].as_slice(), true)
+    }
+
+    fn max_diff(model: &AgiqaModel) -> f64 {
+        let e = model.clip().config().embed_dim;
+        let features = unit_rows(16, e, 5);
+        let unfolded = tch::no_grad(|| model.scores(&features, &model.text_features(), false));
+        let folded = fold_head(model).unwrap().scores(&features);
+        let spread = unfolded.std(true).double_value(&[]);
+        assert!(
+            spread > 0.0,
+            "scores must vary for the comparison to mean anything"
+        );
+        (unfolded - folded).abs().max().double_value(&[])
+    }
+
+    #[test]
+    fn folded_heads_score_as_the_unfolded_model() {
+        let tokenizer = ClipTokenizer::embedded().unwrap();
+        let clip = Clip::random(&ClipConfig::preset("tiny").unwrap(), 3, Device::Cpu);
+        for (variant, image_norm) in [
+            (Variant::Regression, ImageNorm::None),
+            (Variant::Regression, ImageNorm::Whiten),
+            (Variant::Classification, ImageNorm::None),
+            (Variant::ZeroShot, ImageNorm::None),
+        ] {
+            let config = ModelConfig {
+                variant,
+                image_norm,
+                ..ModelConfig::default()
+            };
+            let mut model = AgiqaModel::new(clip.clone_frozen(), &tokenizer, &config).unwrap();
+            // A non-trivial whitening: fitted to skewed features, so μ ≠ 0 and M ≠ I.
+            model.fit_image_norm(&(unit_rows(400, 256, 9) * 0.3 + 0.05));
+            let diff = max_diff(&model);
+            assert!(diff < 1e-5, "{variant:?}/{image_norm:?}: max |Δ| {diff}");
+        }
+    }
+}

@@ -1,0 +1,510 @@
+//! The exporter end to end on tiny random CLIPs of both tower kinds: graphs agree with the
+//! trainer's forward through ONNX Runtime (fp32, fp16, float and uint8 inputs, image features
+//! and scores), pass the official ONNX checker with shape inference, carry the metadata the
+//! runtime reads, share one encoder between several heads, and refuse what they cannot export
+//! without leaving files behind. Triton configs are parsed with Triton's own schema.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use agiqa_exporter::onnx_proto::ModelProto;
+use agiqa_exporter::triton::{config_pbtxt, write_repository, InstanceKind, TritonOptions};
+use agiqa_exporter::verify::{verify, VerifyOptions};
+use agiqa_exporter::{
+    build_model, write_model, ExportError, ExportOptions, HeadSource, InputKind, Precision,
+};
+use agiqa_runtime::metadata::ModelMetadata;
+use agiqa_trainer::evaluate::{load_checkpoint, LoadedCheckpoint};
+use agiqa_trainer::model::{ImageNorm, ModelConfig, Variant};
+use agiqa_trainer::tokenizer::ClipTokenizer;
+use agiqa_trainer::train::{write_untrained, ClipSource};
+use tch::{Device, Kind, Tensor};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("agiqa-export-{}-{name}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn tokenizer() -> &'static ClipTokenizer {
+    static TOKENIZER: OnceLock<ClipTokenizer> = OnceLock::new();
+    TOKENIZER.get_or_init(|| ClipTokenizer::embedded().unwrap())
+}
+
+/// The workspace's Python with `onnx` and `tritonclient` (installed by scripts/setup).
+fn python() -> PathBuf {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.deps/venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/setup",
+        python.display()
+    );
+    python
+}
+
+/// An untrained checkpoint on a random `preset` CLIP, loaded.
+fn checkpoint(
+    dir: &Path,
+    preset: &str,
+    clip_seed: i64,
+    config: &ModelConfig,
+    dimension: &str,
+    seed: u64,
+) -> LoadedCheckpoint {
+    let source = ClipSource::Random {
+        preset: preset.into(),
+        seed: clip_seed,
+    };
+    let stem = write_untrained(
+        &source,
+        config,
+        dimension,
+        seed,
+        dir,
+        tokenizer(),
+        Device::Cpu,
+    )
+    .unwrap();
+    load_checkpoint(&stem, None, tokenizer(), Device::Cpu).unwrap()
+}
+
+/// A head whose scores depend clearly on the image: whitening fitted to skewed features and
+/// a first layer scaled up, so that a wrong encoder output cannot hide behind a flat head.
+fn sharpen(loaded: &mut LoadedCheckpoint) {
+    let e = loaded.model.clip().config().embed_dim;
+    tch::manual_seed(17);
+    let features = Tensor::randn([300, e], (Kind::Float, Device::Cpu)) * 0.2 + 0.03;
+    loaded.model.fit_image_norm(&features);
+}
+
+fn regression(image_norm: ImageNorm) -> ModelConfig {
+    ModelConfig {
+        image_norm,
+        context_len: 4,
+        ..ModelConfig::default()
+    }
+}
+
+fn onnx_checker(path: &Path) {
+    let output = Command::new(python())
+        .args([
+            "-c",
+            "import sys, onnx; onnx.checker.check_model(sys.argv[1], full_check=True); print('ok')",
+        ])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "onnx.checker rejected {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn metadata_of(path: &Path) -> ModelMetadata {
+    let proto = ModelProto::from_bytes(&std::fs::read(path).unwrap()).unwrap();
+    let props = proto
+        .metadata_props
+        .iter()
+        .map(|p| (p.key.clone().unwrap(), p.value.clone().unwrap()))
+        .collect();
+    ModelMetadata::from_props(&props).unwrap()
+}
+
+/// Exports `heads` with `options`, checks it with the ONNX checker and verifies it.
+fn export_and_verify(
+    dir: &Path,
+    name: &str,
+    heads: &[HeadSource],
+    options: &ExportOptions,
+) -> agiqa_exporter::verify::VerifyReport {
+    let path = dir.join(format!("{name}.onnx"));
+    let model = build_model(heads, options).unwrap();
+    write_model(&path, &model.proto).unwrap();
+    onnx_checker(&path);
+    let report = verify(
+        &path,
+        heads,
+        options.input,
+        options.precision,
+        &VerifyOptions::default(),
+    )
+    .unwrap();
+    println!("{name}:\n{report}");
+    assert!(report.passed, "{name}: {report}");
+    report
+}
+
+#[test]
+fn vit_and_resnet_graphs_match_the_trainer_in_fp32_and_fp16() {
+    let dir = scratch("towers");
+    for preset in ["tiny", "tiny-rn"] {
+        let mut loaded = checkpoint(
+            &dir.join(preset),
+            preset,
+            0,
+            &regression(ImageNorm::Whiten),
+            "quality",
+            1,
+        );
+        sharpen(&mut loaded);
+        let heads = [HeadSource {
+            name: "quality".into(),
+            checkpoint: &loaded,
+        }];
+        // Both inputs in fp32; fp16 with the uint8 input, which runs the float path after
+        // its adapter (the full matrix: `scripts/export-parity`).
+        for (precision, input) in [
+            (Precision::Fp32, InputKind::Float),
+            (Precision::Fp32, InputKind::Uint8),
+            (Precision::Fp16, InputKind::Uint8),
+        ] {
+            let options = ExportOptions {
+                precision,
+                input,
+                image_features: true,
+            };
+            let name = format!("{preset}-{precision:?}-{input:?}");
+            let report = export_and_verify(&dir, &name, &heads, &options);
+            let features = report
+                .cases
+                .iter()
+                .find(|c| c.label.contains("image features"))
+                .expect("the image features are compared");
+            let limit = match precision {
+                Precision::Fp32 => 1e-5,
+                Precision::Fp16 => 5e-3,
+            };
+            assert!(features.max_abs < limit, "{name}: {report}");
+        }
+        // fp16 halves the file.
+        let fp32 = std::fs::metadata(dir.join(format!("{preset}-Fp32-Uint8.onnx"))).unwrap();
+        let fp16 = std::fs::metadata(dir.join(format!("{preset}-Fp16-Uint8.onnx"))).unwrap();
+        assert!(
+            fp16.len() * 10 < fp32.len() * 6,
+            "{} vs {}",
+            fp16.len(),
+            fp32.len()
+        );
+    }
+}
+
+#[test]
+fn metadata_and_initializer_names_come_from_the_checkpoint() {
+    let dir = scratch("metadata");
+    let loaded = checkpoint(&dir, "tiny", 0, &regression(ImageNorm::None), "quality", 2);
+    let heads = [HeadSource {
+        name: "quality".into(),
+        checkpoint: &loaded,
+    }];
+    let path = dir.join("m.onnx");
+    let model = build_model(&heads, &ExportOptions::default()).unwrap();
+    write_model(&path, &model.proto).unwrap();
+    let meta = metadata_of(&path);
+    assert_eq!(meta, model.metadata);
+    assert_eq!(meta.backbone, "tiny");
+    assert_eq!(meta.preprocessing, loaded.meta.preprocessing);
+    assert_eq!(meta.context_len, 4);
+    assert_eq!(meta.heads.len(), 1);
+    let head = &meta.heads[0];
+    assert_eq!((head.scale.min, head.scale.max), (0.0, 5.0));
+    assert_eq!(head.scale.dimension, "quality");
+    assert_eq!(head.variant.as_deref(), Some("regression"));
+    assert_eq!(head.checkpoint_sha256.as_ref().map(String::len), Some(64));
+    assert_eq!(meta.clip_weights_sha256.as_ref(), Some(&loaded.clip_sha256));
+
+    let graph = model.proto.graph.as_ref().unwrap();
+    let names: Vec<&str> = graph
+        .initializer
+        .iter()
+        .filter_map(|t| t.name.as_deref())
+        .collect();
+    for name in [
+        "visual.conv1.weight",
+        "visual.class_embedding",
+        "visual.transformer.resblocks.1.attn.in_proj_weight",
+        "visual.ln_post.bias",
+        "visual.proj",
+        "heads.quality.fc1.bias_folded",
+    ] {
+        assert!(names.contains(&name), "no initializer {name}");
+    }
+    // The text branch is gone: nothing of the text tower or the prompts is in the graph.
+    assert!(!names
+        .iter()
+        .any(|n| n.starts_with("transformer.") || n.contains("prompt") || n.contains("token")));
+    assert_eq!(graph.input[0].name.as_deref(), Some("pixel_values"));
+    assert_eq!(graph.output[0].name.as_deref(), Some("score"));
+    assert_eq!(model.proto.opset_import[0].version, Some(17));
+}
+
+#[test]
+fn several_checkpoints_share_one_encoder() {
+    let dir = scratch("multi");
+    let quality = checkpoint(
+        &dir.join("q"),
+        "tiny",
+        0,
+        &regression(ImageNorm::None),
+        "quality",
+        3,
+    );
+    let authenticity = checkpoint(
+        &dir.join("a"),
+        "tiny",
+        0,
+        &ModelConfig {
+            score_max: 100.0,
+            ..regression(ImageNorm::None)
+        },
+        "authenticity",
+        4,
+    );
+    let classes = checkpoint(
+        &dir.join("c"),
+        "tiny",
+        0,
+        &ModelConfig {
+            variant: Variant::Classification,
+            ..regression(ImageNorm::None)
+        },
+        "correspondence",
+        5,
+    );
+    let heads = [
+        HeadSource {
+            name: "quality".into(),
+            checkpoint: &quality,
+        },
+        HeadSource {
+            name: "authenticity".into(),
+            checkpoint: &authenticity,
+        },
+        HeadSource {
+            name: "correspondence".into(),
+            checkpoint: &classes,
+        },
+    ];
+    let options = ExportOptions::default();
+    export_and_verify(&dir, "multi", &heads, &options);
+    let meta = metadata_of(&dir.join("multi.onnx"));
+    let names: Vec<&str> = meta.heads.iter().map(|h| h.name.as_str()).collect();
+    assert_eq!(names, ["quality", "authenticity", "correspondence"]);
+    assert_eq!(meta.heads[1].scale.max, 100.0);
+    assert_eq!(meta.heads[2].variant.as_deref(), Some("classification"));
+    let proto = ModelProto::from_bytes(&std::fs::read(dir.join("multi.onnx")).unwrap()).unwrap();
+    let graph = proto.graph.unwrap();
+    assert_eq!(graph.output[0].name.as_deref(), Some("scores"));
+    // One encoder: its weights appear once.
+    let convs = graph
+        .initializer
+        .iter()
+        .filter(|t| t.name.as_deref() == Some("visual.conv1.weight"))
+        .count();
+    assert_eq!(convs, 1);
+
+    // Heads on other CLIP weights, or duplicate names, are refused.
+    let other = checkpoint(
+        &dir.join("o"),
+        "tiny",
+        1,
+        &regression(ImageNorm::None),
+        "quality",
+        6,
+    );
+    let mixed = [
+        HeadSource {
+            name: "quality".into(),
+            checkpoint: &quality,
+        },
+        HeadSource {
+            name: "other".into(),
+            checkpoint: &other,
+        },
+    ];
+    let err = build_model(&mixed, &options).err().unwrap();
+    assert!(matches!(err, ExportError::Incompatible(_)), "{err}");
+    assert!(err.to_string().contains("same image encoder"), "{err}");
+    let twice = [
+        HeadSource {
+            name: "quality".into(),
+            checkpoint: &quality,
+        },
+        HeadSource {
+            name: "quality".into(),
+            checkpoint: &authenticity,
+        },
+    ];
+    let err = build_model(&twice, &options).err().unwrap();
+    assert!(err.to_string().contains("NAME=CHECKPOINT"), "{err}");
+}
+
+#[test]
+fn bad_checkpoints_and_options_are_clear_errors() {
+    let dir = scratch("bad");
+    let loaded = checkpoint(&dir, "tiny", 0, &regression(ImageNorm::None), "quality", 7);
+    let stem = loaded.path.clone();
+    drop(loaded);
+
+    // The config says 8 context tokens, the tensors hold 4.
+    let json_path = dir.join("best.json");
+    let json = std::fs::read_to_string(&json_path).unwrap();
+    let mut value: serde_json::Value = serde_json::from_str(&json).unwrap();
+    value["model"]["context_len"] = 8.into();
+    std::fs::write(&json_path, serde_json::to_string(&value).unwrap()).unwrap();
+    let err = load_checkpoint(&stem, None, tokenizer(), Device::Cpu)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("prompt.ctx"), "{err}");
+
+    // An unknown backbone.
+    value["model"]["context_len"] = 4.into();
+    value["clip_source"] = serde_json::json!({"kind": "random", "preset": "ViT-Z/99", "seed": 0});
+    std::fs::write(&json_path, serde_json::to_string(&value).unwrap()).unwrap();
+    let err = load_checkpoint(&stem, None, tokenizer(), Device::Cpu)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("ViT-Z/99"), "{err}");
+
+    // An unsupported option: TensorRT on CPU instances.
+    let err = config_pbtxt(
+        &TritonOptions {
+            kind: InstanceKind::Cpu,
+            ..TritonOptions::default()
+        },
+        InputKind::Float,
+        224,
+        1,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("TensorRT needs GPU"), "{err}");
+}
+
+/// Parses `config.pbtxt` with Triton's `ModelConfig` schema (from the tritonclient wheel) and
+/// prints it back as JSON.
+fn parse_triton_config(path: &Path) -> serde_json::Value {
+    let script = r#"
+import importlib.util, json, os, sys, sysconfig
+from google.protobuf import text_format, json_format
+site = sysconfig.get_paths()["purelib"]
+spec = importlib.util.spec_from_file_location(
+    "model_config_pb2", os.path.join(site, "tritonclient", "grpc", "model_config_pb2.py"))
+schema = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(schema)
+config = text_format.Parse(open(sys.argv[1]).read(), schema.ModelConfig())
+print(json_format.MessageToJson(config))
+"#;
+    let output = Command::new(python())
+        .args(["-c", script])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "Triton's schema rejected {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[test]
+fn triton_repositories_follow_tritons_schema() {
+    let dir = scratch("triton");
+    let model_bytes = b"not parsed by this test";
+    for (input, heads, options) in [
+        (InputKind::Float, 1, TritonOptions::default()),
+        (
+            InputKind::Uint8,
+            3,
+            TritonOptions {
+                name: "agiqa_multi".into(),
+                max_batch_size: 16,
+                preferred_batch_sizes: vec![4, 16],
+                instances: 2,
+                tensorrt_fp16: false,
+                ..TritonOptions::default()
+            },
+        ),
+        (
+            InputKind::Float,
+            1,
+            TritonOptions {
+                name: "agiqa_cpu".into(),
+                kind: InstanceKind::Cpu,
+                tensorrt: false,
+                ..TritonOptions::default()
+            },
+        ),
+    ] {
+        let config = config_pbtxt(&options, input, 224, heads).unwrap();
+        let entry = write_repository(&dir, &options, model_bytes, &config).unwrap();
+        assert_eq!(
+            std::fs::read(entry.join("1/model.onnx")).unwrap(),
+            model_bytes
+        );
+        let parsed = parse_triton_config(&entry.join("config.pbtxt"));
+        assert_eq!(parsed["name"], options.name.as_str());
+        assert_eq!(parsed["platform"], "onnxruntime_onnx");
+        assert_eq!(parsed["maxBatchSize"], options.max_batch_size);
+        let input_json = &parsed["input"][0];
+        match input {
+            InputKind::Float => {
+                assert_eq!(input_json["name"], "pixel_values");
+                assert_eq!(input_json["dataType"], "TYPE_FP32");
+                assert_eq!(input_json["dims"], serde_json::json!(["3", "224", "224"]));
+            }
+            InputKind::Uint8 => {
+                assert_eq!(input_json["name"], "pixels_uint8");
+                assert_eq!(input_json["dataType"], "TYPE_UINT8");
+                assert_eq!(input_json["dims"], serde_json::json!(["224", "224", "3"]));
+            }
+        }
+        let output = &parsed["output"][0];
+        if heads == 1 {
+            assert_eq!(output["name"], "score");
+            assert!(output["reshape"].is_object());
+        } else {
+            assert_eq!(output["name"], "scores");
+            assert_eq!(output["dims"], serde_json::json!([heads.to_string()]));
+        }
+        assert!(parsed["dynamicBatching"].is_object());
+        let group = &parsed["instanceGroup"][0];
+        assert_eq!(group["count"], options.instances);
+        let accelerators = &parsed["optimization"]["executionAccelerators"];
+        if options.tensorrt {
+            let trt = &accelerators["gpuExecutionAccelerator"][0];
+            assert_eq!(trt["name"], "tensorrt");
+            let precision = if options.tensorrt_fp16 {
+                "FP16"
+            } else {
+                "FP32"
+            };
+            assert_eq!(trt["parameters"]["precision_mode"], precision);
+        } else {
+            assert!(accelerators.is_null());
+        }
+    }
+    // Re-exporting replaces the entry and leaves no staging folder.
+    let options = TritonOptions::default();
+    let config = config_pbtxt(&options, InputKind::Float, 224, 1).unwrap();
+    write_repository(&dir, &options, b"v2", &config).unwrap();
+    assert_eq!(
+        std::fs::read(dir.join("clip_agiqa/1/model.onnx")).unwrap(),
+        b"v2"
+    );
+    let hidden = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with('.')
+        })
+        .count();
+    assert_eq!(hidden, 0);
+}
