@@ -41,6 +41,11 @@ struct Args {
     /// Compare the graph (ONNX Runtime) with the trainer's forward; exit non-zero on failure.
     #[arg(long)]
     verify: bool,
+    /// Random tensors and synthetic images --verify compares (each at least 1 and 0).
+    #[arg(long, default_value_t = 4)]
+    verify_random: usize,
+    #[arg(long, default_value_t = 6)]
+    verify_images: usize,
     /// CLIP weights to use instead of the source each checkpoint records.
     #[arg(long)]
     clip: Option<PathBuf>,
@@ -191,6 +196,8 @@ fn main() -> anyhow::Result<()> {
     if args.verify {
         let verify_options = VerifyOptions {
             ort_lib: args.ort_lib.clone(),
+            batch: args.verify_random,
+            synthetic_images: args.verify_images,
             ..VerifyOptions::default()
         };
         let verified = verify(
