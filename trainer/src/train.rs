@@ -222,9 +222,14 @@ pub struct EpochLog {
     pub lr: f64,
     pub train_loss: f64,
     pub selected_on: String,
+    // NaN (a constant prediction, a failed logistic fit) is written as JSON null: read it back.
+    #[serde(deserialize_with = "agiqa_runtime::metrics::nan_from_null")]
     pub plcc: f64,
+    #[serde(deserialize_with = "agiqa_runtime::metrics::nan_from_null")]
     pub srcc: f64,
+    #[serde(deserialize_with = "agiqa_runtime::metrics::nan_from_null")]
     pub krcc: f64,
+    #[serde(deserialize_with = "agiqa_runtime::metrics::nan_from_null")]
     pub plcc_logistic: f64,
     pub seconds: f64,
 }
@@ -1026,4 +1031,39 @@ pub fn write_untrained(
     let stem = dir.join("best");
     checkpoint::save(&stem, &parameters, &meta)?;
     Ok(stem)
+}
+
+#[cfg(test)]
+mod log_tests {
+    use super::*;
+
+    #[test]
+    fn nan_metrics_survive_the_log_round_trip() {
+        let dir = std::env::temp_dir().join(format!("agiqa-log-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("log.jsonl");
+        let line = |epoch| EpochLog {
+            epoch,
+            lr: 0.002,
+            train_loss: 1.0,
+            selected_on: "val".into(),
+            plcc: 0.5,
+            srcc: f64::NAN,
+            krcc: 0.1,
+            plcc_logistic: f64::NAN,
+            seconds: 1.0,
+        };
+        let text: String = [line(1), line(2)]
+            .iter()
+            .map(|l| serde_json::to_string(l).unwrap() + "\n")
+            .collect();
+        assert!(text.contains("null"), "{text}");
+        std::fs::write(&path, text).unwrap();
+        truncate_log(&path, 1).unwrap();
+        let read = read_log(&path).unwrap();
+        assert_eq!(read.len(), 1);
+        assert!(read[0].srcc.is_nan() && read[0].plcc_logistic.is_nan());
+        assert_eq!(read[0].plcc, 0.5);
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }
