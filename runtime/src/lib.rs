@@ -13,4 +13,14 @@ pub mod preprocess;
 pub mod resample;
 
 #[cfg(feature = "onnx")]
+pub mod batch_io;
+#[cfg(feature = "onnx")]
+pub mod bench;
+#[cfg(feature = "onnx")]
 pub mod onnxruntime;
+#[cfg(feature = "onnx")]
+pub mod pipeline;
+#[cfg(feature = "onnx")]
+pub mod scorer;
+#[cfg(feature = "onnx")]
+pub mod serve;

@@ -40,6 +40,25 @@ pub const OUTPUT_SCORES: &str = "scores";
 /// See [`INPUT_PIXEL_VALUES`].
 pub const OUTPUT_IMAGE_FEATURES: &str = "image_features";
 
+/// Which of the two contract inputs a model takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InputKind {
+    /// float32 `[N, 3, R, R]`, normalised with the metadata's mean and std.
+    PixelValues,
+    /// uint8 `[N, R, R, 3]`, resized and cropped RGB; the graph normalises.
+    PixelsUint8,
+}
+
+impl InputKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            InputKind::PixelValues => INPUT_PIXEL_VALUES,
+            InputKind::PixelsUint8 => INPUT_PIXELS_UINT8,
+        }
+    }
+}
+
 /// What a score means: its dimension and scale.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ScoreScale {

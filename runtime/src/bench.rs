@@ -1,0 +1,233 @@
+//! `agiqa bench`: model-only throughput and latency per batch size on synthetic tensors, and
+//! end-to-end throughput from image files through the [`crate::pipeline`].
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::pipeline::{score_paths, PipelineOptions, PipelineStats};
+use crate::scorer::{InputKind, ScoreError, Scorer, TensorBatch};
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub batch_sizes: Vec<usize>,
+    /// Time spent measuring each batch size (after the warm-up).
+    pub duration: Duration,
+    /// Untimed runs before measuring (TensorRT builds its engine, allocators settle).
+    pub warmup: usize,
+    /// Image files for the end-to-end measurement (none: skipped).
+    pub images: Vec<PathBuf>,
+    /// How many times the image list is gone through end to end.
+    pub repeat: usize,
+}
+
+/// Latency percentiles, in milliseconds.
+#[derive(Clone, Debug, Serialize)]
+pub struct Latency {
+    pub mean: f64,
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+}
+
+/// Model-only result for one batch size.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelOnly {
+    pub batch_size: usize,
+    pub runs: usize,
+    pub images_per_second: f64,
+    /// Per batch.
+    pub latency_ms: Latency,
+}
+
+/// A whole benchmark report (what `agiqa bench --json` prints).
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub model: PathBuf,
+    pub provider: String,
+    pub provider_notes: Vec<String>,
+    /// ONNX Runtime's build information string.
+    pub onnxruntime: String,
+    pub input: InputKind,
+    pub image_size: u32,
+    pub threads: Option<usize>,
+    pub model_only: Vec<ModelOnly>,
+    pub end_to_end: Option<EndToEnd>,
+}
+
+/// End-to-end result: files → decode → preprocess → batches → scores.
+#[derive(Clone, Debug, Serialize)]
+pub struct EndToEnd {
+    pub batch_size: usize,
+    pub workers: usize,
+    #[serde(flatten)]
+    pub stats: PipelineStats,
+}
+
+/// Runs the model-only benchmark with `scorer`, and the end-to-end one (when `options` has
+/// images) with `pipeline_scorer`, or `scorer` when it is `None`.
+pub fn run(
+    scorer: &Scorer,
+    pipeline_scorer: Option<&Scorer>,
+    options: &BenchOptions,
+) -> Result<BenchReport, ScoreError> {
+    let mut model_only = Vec::new();
+    for &n in &options.batch_sizes {
+        model_only.push(model_only_one(scorer, n.max(1), options)?);
+    }
+    let end_to_end = if options.images.is_empty() {
+        None
+    } else {
+        let scorer = pipeline_scorer.unwrap_or(scorer);
+        let paths: Vec<PathBuf> = std::iter::repeat_n(&options.images, options.repeat.max(1))
+            .flatten()
+            .cloned()
+            .collect();
+        let pipeline = PipelineOptions::for_scorer(scorer);
+        // One untimed pass over a few files warms the decoders and the session.
+        let warm = &paths[..paths.len().min(scorer.batch_size())];
+        score_paths(scorer, warm, &pipeline, |_| true);
+        let stats = score_paths(scorer, &paths, &pipeline, |_| true);
+        Some(EndToEnd {
+            batch_size: scorer.batch_size(),
+            workers: pipeline.workers,
+            stats,
+        })
+    };
+    Ok(BenchReport {
+        model: scorer.path().to_path_buf(),
+        provider: scorer.provider().to_string(),
+        provider_notes: scorer.provider_notes().to_vec(),
+        onnxruntime: crate::onnxruntime::version(),
+        input: scorer.input_kind(),
+        image_size: scorer.preprocessor().config().image_size,
+        threads: scorer.options().threads,
+        model_only,
+        end_to_end,
+    })
+}
+
+fn model_only_one(
+    scorer: &Scorer,
+    n: usize,
+    options: &BenchOptions,
+) -> Result<ModelOnly, ScoreError> {
+    let len = n * scorer.input_len();
+    // Deterministic, non-constant data: constant inputs could hit shortcuts no image takes.
+    let f32_data: Vec<f32>;
+    let u8_data: Vec<u8>;
+    let batch = match scorer.input_kind() {
+        InputKind::PixelValues => {
+            f32_data = (0..len)
+                .map(|i| ((i * 7919) % 997) as f32 / 498.5 - 1.0)
+                .collect();
+            TensorBatch::PixelValues(&f32_data)
+        }
+        InputKind::PixelsUint8 => {
+            u8_data = (0..len).map(|i| ((i * 7919) % 251) as u8).collect();
+            TensorBatch::PixelsUint8(&u8_data)
+        }
+    };
+    for _ in 0..options.warmup {
+        scorer.score_tensor(batch)?;
+    }
+    let mut latencies = Vec::new();
+    let start = Instant::now();
+    while latencies.len() < 3 || start.elapsed() < options.duration {
+        let t = Instant::now();
+        scorer.score_tensor(batch)?;
+        latencies.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let total = start.elapsed().as_secs_f64();
+    Ok(ModelOnly {
+        batch_size: n,
+        runs: latencies.len(),
+        images_per_second: (latencies.len() * n) as f64 / total,
+        latency_ms: percentiles(&mut latencies),
+    })
+}
+
+/// Nearest-rank percentiles of `values` (sorted in place).
+pub fn percentiles(values: &mut [f64]) -> Latency {
+    values.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        if values.is_empty() {
+            return 0.0;
+        }
+        let rank = (q * values.len() as f64).ceil() as usize;
+        values[rank.clamp(1, values.len()) - 1]
+    };
+    Latency {
+        mean: values.iter().sum::<f64>() / values.len().max(1) as f64,
+        p50: at(0.50),
+        p95: at(0.95),
+        p99: at(0.99),
+    }
+}
+
+/// A human-readable table of a report.
+pub fn render_table(report: &BenchReport) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "model {} ({:?} input, {}x{}), provider {}, threads {}\n  {}",
+        report.model.display(),
+        report.input,
+        report.image_size,
+        report.image_size,
+        report.provider,
+        report.threads.map_or("all".to_string(), |t| t.to_string()),
+        report.onnxruntime,
+    );
+    for note in &report.provider_notes {
+        let _ = writeln!(out, "  note: {note}");
+    }
+    let _ = writeln!(
+        out,
+        "{:>6} {:>7} {:>11} {:>9} {:>9} {:>9}",
+        "batch", "runs", "images/s", "p50 ms", "p95 ms", "p99 ms"
+    );
+    for m in &report.model_only {
+        let _ = writeln!(
+            out,
+            "{:>6} {:>7} {:>11.1} {:>9.3} {:>9.3} {:>9.3}",
+            m.batch_size,
+            m.runs,
+            m.images_per_second,
+            m.latency_ms.p50,
+            m.latency_ms.p95,
+            m.latency_ms.p99
+        );
+    }
+    if let Some(e) = &report.end_to_end {
+        let _ = writeln!(
+            out,
+            "end to end: {} images ({} failed) in {:.2} s = {:.1} images/s (batch {}, {} decode workers)",
+            e.stats.images,
+            e.stats.failed,
+            e.stats.seconds,
+            e.stats.images_per_second,
+            e.batch_size,
+            e.workers
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let mut v: Vec<f64> = (1..=100).rev().map(f64::from).collect();
+        let l = percentiles(&mut v);
+        assert_eq!((l.p50, l.p95, l.p99), (50.0, 95.0, 99.0));
+        assert!((l.mean - 50.5).abs() < 1e-12);
+        let l = percentiles(&mut [7.0]);
+        assert_eq!((l.p50, l.p99), (7.0, 7.0));
+    }
+}

@@ -1,0 +1,598 @@
+//! `agiqa serve`: an HTTP scoring service for running next to other services.
+//!
+//! - `POST /v1/score`: a raw image body → `{"scores": {"<head>": s, ...}}`; or
+//!   `multipart/form-data` with several images → `{"results": [{"name", "scores" | "error"}]}`.
+//! - `GET /health`, `GET /metrics` (Prometheus text).
+//!
+//! Requests decode and preprocess on the blocking pool (the shared preprocessing), then hand
+//! their model inputs to one batcher task through a bounded queue: it takes the first waiting
+//! image, gathers more for at most `max_wait` or until `max_batch`, and runs them as one batch
+//! while the next ones queue. Admission is bounded: at most `queue_capacity` images may be
+//! waiting or being scored, and a request that does not fit answers 503 at once (not an
+//! ever-growing backlog); bodies over the limit get 413; images over the dimension limit 422;
+//! a request that is not answered within the timeout 504. Shutdown (SIGTERM or Ctrl-C) stops
+//! accepting connections and finishes the requests in flight.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Map, Value};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+
+use crate::scorer::{ModelInput, ScoreError, Scorer};
+
+/// How the service runs.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// Most images in one inference batch.
+    pub max_batch: usize,
+    /// Longest an image waits for others to share its batch.
+    pub max_wait: Duration,
+    /// Images that may be in the service at once (waiting for or in inference); a request
+    /// whose images do not fit gets 503.
+    pub queue_capacity: usize,
+    /// Largest request body, in bytes (413 beyond).
+    pub body_limit: usize,
+    /// Longest a request may take before it is answered 504.
+    pub request_timeout: Duration,
+    /// Images decoded at the same time (decoding is CPU-bound; more only thrashes).
+    pub decode_concurrency: usize,
+}
+
+impl ServeOptions {
+    /// Defaults for a scorer: its batch size, 5 ms wait, 256 queued images, 32 MiB bodies,
+    /// 30 s timeout, one decoder per core.
+    pub fn for_scorer(scorer: &Scorer) -> Self {
+        ServeOptions {
+            max_batch: scorer.batch_size(),
+            max_wait: Duration::from_millis(5),
+            queue_capacity: 256,
+            body_limit: 32 << 20,
+            request_timeout: Duration::from_secs(30),
+            decode_concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+}
+
+/// One image waiting for inference.
+struct Job {
+    input: ModelInput,
+    reply: oneshot::Sender<Result<Vec<f32>, String>>,
+    /// The image's admission slot, given back when its batch is done.
+    _admitted: OwnedSemaphorePermit,
+}
+
+struct AppState {
+    scorer: Arc<Scorer>,
+    queue: mpsc::Sender<Job>,
+    admission: Arc<Semaphore>,
+    decoders: Semaphore,
+    options: ServeOptions,
+    metrics: Arc<Metrics>,
+}
+
+/// Serves until `shutdown` completes, then finishes in-flight requests and returns.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    scorer: Arc<Scorer>,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (queue, jobs) = mpsc::channel(options.queue_capacity.max(1));
+    let metrics = Arc::new(Metrics::default());
+    // The batcher ends when the last queue sender (held by the router's state) is gone, i.e.
+    // after the server has finished every request.
+    let batcher = tokio::spawn(run_batcher(
+        Arc::clone(&scorer),
+        options.clone(),
+        Arc::clone(&metrics),
+        jobs,
+    ));
+    let app = router(Arc::new(AppState {
+        scorer,
+        queue,
+        admission: Arc::new(Semaphore::new(options.queue_capacity.max(1))),
+        decoders: Semaphore::new(options.decode_concurrency.max(1)),
+        options,
+        metrics,
+    }));
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    let _ = batcher.await;
+    result
+}
+
+/// Binds `addr` and serves until SIGTERM or Ctrl-C.
+pub async fn serve_until_signal(
+    addr: SocketAddr,
+    scorer: Arc<Scorer>,
+    options: ServeOptions,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(address = %listener.local_addr()?, "listening");
+    serve(listener, scorer, options, shutdown_signal()).await
+}
+
+/// Completes on SIGTERM (what orchestrators send) or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down: finishing requests in flight");
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/score", post(score))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(state.options.body_limit))
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), observe))
+        .with_state(state)
+}
+
+/// Counts every request by path and status, and times it.
+async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let path = request.uri().path().to_string();
+    let start = Instant::now();
+    let response = next.run(request).await;
+    state
+        .metrics
+        .observe_request(&path, response.status(), start.elapsed());
+    response
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({
+        "status": "ok",
+        "provider": state.scorer.provider().as_str(),
+        "heads": state.scorer.head_names(),
+        "backbone": state.scorer.metadata().backbone,
+    }))
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+async fn score(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let timeout = state.options.request_timeout;
+    match tokio::time::timeout(timeout, score_request(&state, request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            state.metrics.error("timeout");
+            error(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("not scored within {} s", timeout.as_secs_f64()),
+            )
+        }
+    }
+}
+
+async fn score_request(state: &Arc<AppState>, request: Request) -> Response {
+    let is_multipart = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/form-data"));
+    // Read the whole body first (bounded by the body limit): an oversized request is refused
+    // with 413 before any decoding or queueing.
+    let images: Vec<(String, Bytes)> = if is_multipart {
+        let mut multipart = match Multipart::from_request(request, state).await {
+            Ok(m) => m,
+            Err(rejection) => {
+                return rejection_response(state, rejection.status(), rejection.body_text())
+            }
+        };
+        let mut images = Vec::new();
+        loop {
+            match multipart.next_field().await {
+                Ok(Some(field)) => {
+                    let name = field
+                        .file_name()
+                        .or(field.name())
+                        .map_or_else(|| format!("image{}", images.len()), str::to_string);
+                    match field.bytes().await {
+                        Ok(bytes) => images.push((name, bytes)),
+                        Err(e) => return rejection_response(state, e.status(), e.body_text()),
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return rejection_response(state, e.status(), e.body_text()),
+            }
+        }
+        if images.is_empty() {
+            return error(StatusCode::BAD_REQUEST, "multipart body has no parts");
+        }
+        images
+    } else {
+        match Bytes::from_request(request, state).await {
+            Ok(bytes) => vec![("body".to_string(), bytes)],
+            Err(rejection) => {
+                return rejection_response(state, rejection.status(), rejection.body_text())
+            }
+        }
+    };
+
+    let mut prepared = Vec::with_capacity(images.len());
+    for (name, bytes) in images {
+        prepared.push((name, decode(state, bytes).await));
+    }
+    let ready = prepared.iter().filter(|(_, p)| p.is_ok()).count();
+    // Admission: all of a request's images are admitted, or none and the answer is 503.
+    let mut admitted = if ready == 0 {
+        None
+    } else {
+        match Arc::clone(&state.admission).try_acquire_many_owned(ready as u32) {
+            Ok(permits) => Some(permits),
+            Err(_) => {
+                state.metrics.error("queue_full");
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server busy: scoring queue is full, retry later",
+                );
+            }
+        }
+    };
+    let mut pending = Vec::with_capacity(prepared.len());
+    for (name, input) in prepared {
+        let slot = match input {
+            Ok(input) => admitted
+                .as_mut()
+                .and_then(|p| {
+                    if p.num_permits() > 1 {
+                        p.split(1)
+                    } else {
+                        None
+                    }
+                })
+                .or_else(|| admitted.take())
+                .map(|slot| (input, slot)),
+            Err(e) => {
+                pending.push((name, Err(e)));
+                continue;
+            }
+        };
+        let Some((input, slot)) = slot else {
+            pending.push((
+                name,
+                Err((
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "admission miscount".to_string(),
+                )),
+            ));
+            continue;
+        };
+        let (reply, answer) = oneshot::channel();
+        state.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
+        let job = Job {
+            input,
+            reply,
+            _admitted: slot,
+        };
+        // Never waits: the channel holds as many jobs as there are admission slots.
+        if state.queue.send(job).await.is_err() {
+            state.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+        }
+        pending.push((name, Ok(answer)));
+    }
+    let heads = state.scorer.head_names();
+    let mut results = Vec::with_capacity(pending.len());
+    for (name, outcome) in pending {
+        let outcome = match outcome {
+            Ok(answer) => match answer.await {
+                Ok(Ok(scores)) => Ok(scores),
+                Ok(Err(e)) => Err((StatusCode::INTERNAL_SERVER_ERROR, e)),
+                Err(_) => Err((StatusCode::SERVICE_UNAVAILABLE, "shutting down".to_string())),
+            },
+            Err(e) => Err(e),
+        };
+        results.push((name, outcome));
+    }
+    let named = |scores: &[f32]| -> Value {
+        let map: Map<String, Value> = heads
+            .iter()
+            .zip(scores)
+            .map(|(h, s)| (h.to_string(), json!(s)))
+            .collect();
+        Value::Object(map)
+    };
+    if !is_multipart {
+        let (_, outcome) = results.remove(0);
+        return match outcome {
+            Ok(scores) => Json(json!({ "scores": named(&scores) })).into_response(),
+            Err((status, message)) => error(status, message),
+        };
+    }
+    let body: Vec<Value> = results
+        .iter()
+        .map(|(name, outcome)| match outcome {
+            Ok(scores) => json!({ "name": name, "scores": named(scores) }),
+            Err((_, message)) => json!({ "name": name, "error": message }),
+        })
+        .collect();
+    Json(json!({ "results": body })).into_response()
+}
+
+fn rejection_response(state: &AppState, status: StatusCode, text: String) -> Response {
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        state.metrics.error("body_too_large");
+        return error(
+            status,
+            format!(
+                "request body over the limit of {} bytes",
+                state.options.body_limit
+            ),
+        );
+    }
+    state.metrics.error("bad_request");
+    error(status, text)
+}
+
+/// Decodes and preprocesses on the blocking pool, a bounded number at a time.
+async fn decode(state: &Arc<AppState>, bytes: Bytes) -> Result<ModelInput, (StatusCode, String)> {
+    let _permit = state
+        .decoders
+        .acquire()
+        .await
+        .map_err(|_| (StatusCode::SERVICE_UNAVAILABLE, "shutting down".to_string()))?;
+    let scorer = Arc::clone(&state.scorer);
+    let result = tokio::task::spawn_blocking(move || scorer.prepare_bytes(&bytes)).await;
+    match result {
+        Ok(Ok(input)) => Ok(input),
+        Ok(Err(e)) => {
+            state.metrics.error("bad_image");
+            state.metrics.images_failed.fetch_add(1, Ordering::Relaxed);
+            Err((StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))
+        }
+        Err(e) => Err((
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("decoder crashed: {e}"),
+        )),
+    }
+}
+
+async fn run_batcher(
+    scorer: Arc<Scorer>,
+    options: ServeOptions,
+    metrics: Arc<Metrics>,
+    mut jobs: mpsc::Receiver<Job>,
+) {
+    let max_batch = options.max_batch.clamp(1, scorer.batch_size());
+    let take = || {
+        metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+    };
+    while let Some(first) = jobs.recv().await {
+        take();
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + options.max_wait;
+        while batch.len() < max_batch {
+            match tokio::time::timeout_at(deadline, jobs.recv()).await {
+                Ok(Some(job)) => {
+                    take();
+                    batch.push(job);
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        // Requests that already timed out or hung up need no inference.
+        batch.retain(|job| !job.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let (inputs, replies): (Vec<ModelInput>, Vec<_>) =
+            batch.into_iter().map(|j| (j.input, j.reply)).unzip();
+        let scorer = Arc::clone(&scorer);
+        let start = Instant::now();
+        let n = inputs.len();
+        let outcome = tokio::task::spawn_blocking(move || scorer.run_batch(&inputs))
+            .await
+            .map_err(|e| format!("inference crashed: {e}"))
+            .and_then(|r| r.map_err(|e: ScoreError| e.to_string()));
+        metrics.observe_batch(n, start.elapsed());
+        match outcome {
+            Ok(scores) => {
+                metrics.images_scored.fetch_add(n as u64, Ordering::Relaxed);
+                for (reply, s) in replies.into_iter().zip(scores) {
+                    let _ = reply.send(Ok(s));
+                }
+            }
+            Err(message) => {
+                metrics.error("inference");
+                for reply in replies {
+                    let _ = reply.send(Err(message.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Prometheus histogram with fixed buckets.
+struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    fn observe(&self, value: f64) {
+        for (bound, count) in self.bounds.iter().zip(&self.counts) {
+            if value <= *bound {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.sum_micros
+            .fetch_add((value * 1e6) as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, name: &str, help: &str, out: &mut String) {
+        use std::fmt::Write;
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (bound, count) in self.bounds.iter().zip(&self.counts) {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{bound}\"}} {}",
+                count.load(Ordering::Relaxed)
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+/// All the service's Prometheus series, rendered by hand (a dozen lines do not need a crate).
+struct Metrics {
+    requests: Mutex<BTreeMap<(String, u16), u64>>,
+    errors: Mutex<BTreeMap<&'static str, u64>>,
+    latency: Histogram,
+    batch_size: Histogram,
+    inference: Histogram,
+    images_scored: AtomicU64,
+    images_failed: AtomicU64,
+    queue_depth: AtomicUsize,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: Mutex::default(),
+            errors: Mutex::default(),
+            latency: Histogram::new(&[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            batch_size: Histogram::new(&[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
+            inference: Histogram::new(&[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+            images_scored: AtomicU64::new(0),
+            images_failed: AtomicU64::new(0),
+            queue_depth: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Metrics {
+    fn observe_request(&self, path: &str, status: StatusCode, elapsed: Duration) {
+        // Unknown paths share one label so that scanners cannot grow the series without bound.
+        let path = match path {
+            "/v1/score" | "/health" | "/metrics" => path,
+            _ => "other",
+        };
+        let mut requests = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        *requests
+            .entry((path.to_string(), status.as_u16()))
+            .or_default() += 1;
+        drop(requests);
+        if path == "/v1/score" {
+            self.latency.observe(elapsed.as_secs_f64());
+        }
+    }
+
+    fn observe_batch(&self, size: usize, elapsed: Duration) {
+        self.batch_size.observe(size as f64);
+        self.inference.observe(elapsed.as_secs_f64());
+    }
+
+    fn error(&self, kind: &'static str) {
+        let mut errors = self.errors.lock().unwrap_or_else(|e| e.into_inner());
+        *errors.entry(kind).or_default() += 1;
+    }
+
+    fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        out.push_str("# HELP agiqa_requests_total HTTP requests by path and status.\n# TYPE agiqa_requests_total counter\n");
+        for ((path, status), n) in self
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "agiqa_requests_total{{path=\"{path}\",status=\"{status}\"}} {n}"
+            );
+        }
+        out.push_str("# HELP agiqa_errors_total Failed requests or images by kind.\n# TYPE agiqa_errors_total counter\n");
+        for (kind, n) in self.errors.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(out, "agiqa_errors_total{{kind=\"{kind}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP agiqa_images_total Images by outcome.\n# TYPE agiqa_images_total counter\n\
+             agiqa_images_total{{outcome=\"scored\"}} {}\nagiqa_images_total{{outcome=\"failed\"}} {}",
+            self.images_scored.load(Ordering::Relaxed),
+            self.images_failed.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP agiqa_queue_depth Images waiting for inference.\n# TYPE agiqa_queue_depth gauge\n\
+             agiqa_queue_depth {}",
+            self.queue_depth.load(Ordering::Relaxed)
+        );
+        self.latency.render(
+            "agiqa_request_duration_seconds",
+            "Latency of POST /v1/score.",
+            &mut out,
+        );
+        self.batch_size
+            .render("agiqa_batch_size", "Images per inference batch.", &mut out);
+        self.inference.render(
+            "agiqa_inference_duration_seconds",
+            "Time of one inference batch.",
+            &mut out,
+        );
+        out
+    }
+}

@@ -1,0 +1,349 @@
+//! The HTTP service over loopback with a real HTTP client: concurrent clients and dynamic
+//! batching, multipart, bad images, an oversized body, a full queue, metrics, and a graceful
+//! shutdown that finishes the request in flight.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agiqa_runtime::scorer::Scorer;
+use agiqa_runtime::serve::{serve, ServeOptions};
+use common::{bad_images, good_images, load};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+struct Server {
+    url: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    async fn start(scorer: Scorer, configure: impl FnOnce(&mut ServeOptions)) -> Server {
+        let scorer = Arc::new(scorer);
+        let mut options = ServeOptions::for_scorer(&scorer);
+        configure(&mut options);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, scorer, options, async {
+            let _ = stopped.await;
+        }));
+        Server {
+            url,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("shuts down")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+async fn metrics(client: &reqwest::Client, url: &str) -> String {
+    client
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_clients_are_batched_and_scored() {
+    let reference = load("mean_f32.onnx");
+    let images = good_images();
+    let expected: Vec<f32> = images
+        .iter()
+        .map(|(_, b)| reference.score_bytes(b).unwrap()[0])
+        .collect();
+    let server = Server::start(load("mean_f32.onnx"), |o| {
+        o.max_batch = 4;
+        o.max_wait = Duration::from_millis(30);
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let health: Value = client
+        .get(format!("{}/health", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["provider"], "cpu");
+
+    let requests = 32;
+    let mut tasks = Vec::new();
+    for i in 0..requests {
+        let (client, url) = (client.clone(), server.url.clone());
+        let (body, want) = (
+            images[i % images.len()].1.clone(),
+            expected[i % images.len()],
+        );
+        tasks.push(tokio::spawn(async move {
+            let response = client
+                .post(format!("{url}/v1/score"))
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            let json: Value = response.json().await.unwrap();
+            let got = json["scores"]["quality"].as_f64().unwrap() as f32;
+            assert!((got - want).abs() < 1e-5, "{json} vs {want}");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let text = metrics(&client, &server.url).await;
+    let batches = metric(&text, "agiqa_batch_size_count");
+    let images_in_batches = metric(&text, "agiqa_batch_size_sum");
+    assert_eq!(images_in_batches, requests as f64);
+    assert!(
+        batches < requests as f64,
+        "no request shared a batch:\n{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "agiqa_requests_total{path=\"/v1/score\",status=\"200\"}"
+        ),
+        requests as f64
+    );
+    assert_eq!(
+        metric(&text, "agiqa_request_duration_seconds_count"),
+        requests as f64
+    );
+    assert_eq!(metric(&text, "agiqa_queue_depth"), 0.0);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multipart_scores_each_part_and_reports_bad_ones() {
+    let server = Server::start(load("three_heads.onnx"), |_| {}).await;
+    let client = reqwest::Client::new();
+    let (good_name, good) = good_images().remove(1);
+    let (bad_name, bad, _) = bad_images().remove(3);
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "a",
+            reqwest::multipart::Part::bytes(good.clone()).file_name(good_name.clone()),
+        )
+        .part(
+            "b",
+            reqwest::multipart::Part::bytes(bad).file_name(bad_name.clone()),
+        )
+        .part("c", reqwest::multipart::Part::bytes(good));
+    let response = client
+        .post(format!("{}/v1/score", server.url))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let json: Value = response.json().await.unwrap();
+    let results = json["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3, "{json}");
+    assert_eq!(results[0]["name"], good_name.as_str());
+    for head in ["quality", "alignment", "authenticity"] {
+        assert!(results[0]["scores"][head].is_f64(), "{json}");
+    }
+    assert_eq!(results[0]["scores"], results[2]["scores"]);
+    assert_eq!(results[1]["name"], bad_name.as_str());
+    assert!(
+        results[1]["error"].as_str().unwrap().contains("corrupt"),
+        "{json}"
+    );
+
+    // A single bad raw body is a 422 with the reason.
+    let (_, huge, _) = bad_images()
+        .into_iter()
+        .find(|(n, _, _)| n == "huge.png")
+        .unwrap();
+    let response = client
+        .post(format!("{}/v1/score", server.url))
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422);
+    let json: Value = response.json().await.unwrap();
+    assert!(
+        json["error"].as_str().unwrap().contains("over the limit"),
+        "{json}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_bodies_get_413() {
+    let server = Server::start(load("mean_f32.onnx"), |o| o.body_limit = 16 * 1024).await;
+    let client = reqwest::Client::new();
+    let big = vec![0u8; 64 * 1024];
+    let response = client
+        .post(format!("{}/v1/score", server.url))
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    let json: Value = response.json().await.unwrap();
+    assert!(json["error"].as_str().unwrap().contains("16384"), "{json}");
+    // Same through multipart.
+    let form = reqwest::multipart::Form::new().part("a", reqwest::multipart::Part::bytes(big));
+    let response = client
+        .post(format!("{}/v1/score", server.url))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    // The server still works.
+    let (_, small) = good_images().remove(0);
+    let response = client
+        .post(format!("{}/v1/score", server.url))
+        .body(small)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let text = metrics(&client, &server.url).await;
+    assert_eq!(
+        metric(&text, "agiqa_errors_total{kind=\"body_too_large\"}"),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "agiqa_requests_total{path=\"/v1/score\",status=\"413\"}"
+        ),
+        2.0
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_queue_answers_503() {
+    // Room for one image; the first waits 300 ms for batch company, so the second finds no room.
+    let server = Server::start(load("mean_f32.onnx"), |o| {
+        o.max_batch = 4;
+        o.max_wait = Duration::from_millis(300);
+        o.queue_capacity = 1;
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let (_, image) = good_images().remove(0);
+    let first = tokio::spawn({
+        let (client, url, body) = (client.clone(), server.url.clone(), image.clone());
+        async move {
+            let r = client
+                .post(format!("{url}/v1/score"))
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            r.status().as_u16()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = client
+        .post(format!("{}/v1/score", server.url))
+        .body(image.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(second.status(), 503);
+    let body = second.text().await.unwrap();
+    assert!(body.contains("queue is full"), "{body}");
+    assert_eq!(first.await.unwrap(), 200);
+    // Once the first is answered its slot is free again.
+    let third = client
+        .post(format!("{}/v1/score", server.url))
+        .body(image)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(third.status(), 200);
+    let text = metrics(&client, &server.url).await;
+    assert_eq!(
+        metric(&text, "agiqa_errors_total{kind=\"queue_full\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "agiqa_requests_total{path=\"/v1/score\",status=\"503\"}"
+        ),
+        1.0
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_requests_time_out_with_504() {
+    // The lone image waits 400 ms for company; the request may take 100 ms.
+    let server = Server::start(load("mean_f32.onnx"), |o| {
+        o.max_batch = 4;
+        o.max_wait = Duration::from_millis(400);
+        o.request_timeout = Duration::from_millis(100);
+    })
+    .await;
+    let (_, image) = good_images().remove(0);
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/score", server.url))
+        .body(image)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 504);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_requests_in_flight() {
+    let server = Server::start(load("mean_f32.onnx"), |o| {
+        o.max_batch = 4;
+        o.max_wait = Duration::from_millis(300);
+    })
+    .await;
+    let url = server.url.clone();
+    let (_, image) = good_images().remove(0);
+    let client = reqwest::Client::new();
+    let in_flight = tokio::spawn({
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            client
+                .post(format!("{url}/v1/score"))
+                .body(image)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }
+    });
+    // The request is now waiting in its batch; shut down underneath it.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    server.shutdown().await;
+    assert_eq!(in_flight.await.unwrap().unwrap(), 200);
+    // And the server is gone.
+    assert!(client.get(format!("{url}/health")).send().await.is_err());
+}
