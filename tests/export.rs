@@ -15,7 +15,8 @@ use agiqa_exporter::{
     build_model, write_model, ExportError, ExportOptions, HeadSource, InputKind, Precision,
 };
 use agiqa_runtime::metadata::ModelMetadata;
-use agiqa_trainer::evaluate::{load_checkpoint, LoadedCheckpoint};
+use agiqa_runtime::scorer::{ExecutionProvider, Scorer, ScorerOptions};
+use agiqa_trainer::evaluate::{load_checkpoint, predict_files, LoadedCheckpoint};
 use agiqa_trainer::model::{ImageNorm, ModelConfig, Variant};
 use agiqa_trainer::tokenizer::ClipTokenizer;
 use agiqa_trainer::train::{write_untrained, ClipSource};
@@ -158,9 +159,9 @@ fn vit_and_resnet_graphs_match_the_trainer_in_fp32_and_fp16() {
         // Both inputs in fp32; fp16 with the uint8 input, which runs the float path after
         // its adapter (the full matrix: `scripts/export-parity`).
         for (precision, input) in [
-            (Precision::Fp32, InputKind::Float),
-            (Precision::Fp32, InputKind::Uint8),
-            (Precision::Fp16, InputKind::Uint8),
+            (Precision::Fp32, InputKind::PixelValues),
+            (Precision::Fp32, InputKind::PixelsUint8),
+            (Precision::Fp16, InputKind::PixelsUint8),
         ] {
             let options = ExportOptions {
                 precision,
@@ -181,8 +182,8 @@ fn vit_and_resnet_graphs_match_the_trainer_in_fp32_and_fp16() {
             assert!(features.max_abs < limit, "{name}: {report}");
         }
         // fp16 halves the file.
-        let fp32 = std::fs::metadata(dir.join(format!("{preset}-Fp32-Uint8.onnx"))).unwrap();
-        let fp16 = std::fs::metadata(dir.join(format!("{preset}-Fp16-Uint8.onnx"))).unwrap();
+        let fp32 = std::fs::metadata(dir.join(format!("{preset}-Fp32-PixelsUint8.onnx"))).unwrap();
+        let fp16 = std::fs::metadata(dir.join(format!("{preset}-Fp16-PixelsUint8.onnx"))).unwrap();
         assert!(
             fp16.len() * 10 < fp32.len() * 6,
             "{} vs {}",
@@ -375,7 +376,7 @@ fn bad_checkpoints_and_options_are_clear_errors() {
             kind: InstanceKind::Cpu,
             ..TritonOptions::default()
         },
-        InputKind::Float,
+        InputKind::PixelValues,
         224,
         1,
     )
@@ -416,9 +417,9 @@ fn triton_repositories_follow_tritons_schema() {
     let dir = scratch("triton");
     let model_bytes = b"not parsed by this test";
     for (input, heads, options) in [
-        (InputKind::Float, 1, TritonOptions::default()),
+        (InputKind::PixelValues, 1, TritonOptions::default()),
         (
-            InputKind::Uint8,
+            InputKind::PixelsUint8,
             3,
             TritonOptions {
                 name: "agiqa_multi".into(),
@@ -430,7 +431,7 @@ fn triton_repositories_follow_tritons_schema() {
             },
         ),
         (
-            InputKind::Float,
+            InputKind::PixelValues,
             1,
             TritonOptions {
                 name: "agiqa_cpu".into(),
@@ -452,12 +453,12 @@ fn triton_repositories_follow_tritons_schema() {
         assert_eq!(parsed["maxBatchSize"], options.max_batch_size);
         let input_json = &parsed["input"][0];
         match input {
-            InputKind::Float => {
+            InputKind::PixelValues => {
                 assert_eq!(input_json["name"], "pixel_values");
                 assert_eq!(input_json["dataType"], "TYPE_FP32");
                 assert_eq!(input_json["dims"], serde_json::json!(["3", "224", "224"]));
             }
-            InputKind::Uint8 => {
+            InputKind::PixelsUint8 => {
                 assert_eq!(input_json["name"], "pixels_uint8");
                 assert_eq!(input_json["dataType"], "TYPE_UINT8");
                 assert_eq!(input_json["dims"], serde_json::json!(["224", "224", "3"]));
@@ -490,7 +491,7 @@ fn triton_repositories_follow_tritons_schema() {
     }
     // Re-exporting replaces the entry and leaves no staging folder.
     let options = TritonOptions::default();
-    let config = config_pbtxt(&options, InputKind::Float, 224, 1).unwrap();
+    let config = config_pbtxt(&options, InputKind::PixelValues, 224, 1).unwrap();
     write_repository(&dir, &options, b"v2", &config).unwrap();
     assert_eq!(
         std::fs::read(dir.join("clip_agiqa/1/model.onnx")).unwrap(),
@@ -507,4 +508,82 @@ fn triton_repositories_follow_tritons_schema() {
         })
         .count();
     assert_eq!(hidden, 0);
+}
+
+/// Train-time scoring (`agiqa-train predict`) and the runtime's scorer on the exported graph
+/// give the same scores for the same image files: one preprocessing, one model, two engines.
+#[test]
+fn the_runtime_scores_files_as_the_trainer_does() {
+    use agiqa_trainer::synthetic::{procedural_scene, Distortion};
+    let dir = scratch("runtime");
+    let mut loaded = checkpoint(
+        &dir.join("run"),
+        "tiny",
+        0,
+        &regression(ImageNorm::Whiten),
+        "quality",
+        8,
+    );
+    sharpen(&mut loaded);
+    let mut paths = Vec::new();
+    for (i, distortion) in [
+        Distortion::Blur(0.0),
+        Distortion::Blur(3.0),
+        Distortion::Noise(25.0),
+        Distortion::Jpeg(10),
+        Distortion::ColourShift(50.0),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let image = distortion.apply(
+            &procedural_scene(40 + i as u64, 300 + 40 * i as u32, 260),
+            1,
+        );
+        let path = dir.join(format!("{i}.{}", if i % 2 == 0 { "png" } else { "jpg" }));
+        image.save(&path).unwrap();
+        paths.push(path);
+    }
+    let expected: Vec<f64> = predict_files(&loaded, &paths)
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    let spread = expected.iter().cloned().fold(f64::MIN, f64::max)
+        - expected.iter().cloned().fold(f64::MAX, f64::min);
+    assert!(spread > 1e-3, "scores {expected:?} hardly vary");
+    let heads = [HeadSource {
+        name: "quality".into(),
+        checkpoint: &loaded,
+    }];
+    for input in [InputKind::PixelValues, InputKind::PixelsUint8] {
+        let path = dir.join(format!("{input:?}.onnx"));
+        let model = build_model(
+            &heads,
+            &ExportOptions {
+                input,
+                image_features: true,
+                ..ExportOptions::default()
+            },
+        )
+        .unwrap();
+        write_model(&path, &model.proto).unwrap();
+        let scorer = Scorer::load(
+            &path,
+            ScorerOptions {
+                provider: ExecutionProvider::Cpu,
+                ..ScorerOptions::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(scorer.head_names(), ["quality"]);
+        for (path, want) in paths.iter().zip(&expected) {
+            let got = scorer.score_file(path).unwrap();
+            assert!(
+                (f64::from(got[0]) - want).abs() < 1e-4,
+                "{input:?} {}: runtime {} vs trainer {want}",
+                path.display(),
+                got[0]
+            );
+        }
+    }
 }

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+pub use agiqa_runtime::metadata::InputKind;
 use agiqa_runtime::metadata::{
     HeadInfo, ModelMetadata, ScoreScale, INPUT_PIXELS_UINT8, INPUT_PIXEL_VALUES,
     METADATA_FORMAT_VERSION, OUTPUT_IMAGE_FEATURES, OUTPUT_SCORE, OUTPUT_SCORES,
@@ -10,9 +11,9 @@ use agiqa_runtime::metadata::{
 use agiqa_trainer::clip::VisionConfig;
 use agiqa_trainer::evaluate::LoadedCheckpoint;
 use agiqa_trainer::model::Variant;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::check_name;
 use crate::fold::{fold_head, host, FoldedHead};
 use crate::graph::{attr_int, attr_ints, value_info, GraphBuilder, Precision, Weights};
 use crate::onnx_proto::{
@@ -29,17 +30,6 @@ pub const IR_VERSION: i64 = 8;
 /// Protobuf cannot hold a message over 2 GiB; we do not write external-data files.
 const PROTOBUF_LIMIT: usize = (1 << 31) - (1 << 20);
 
-/// What the graph takes as input (see `agiqa_runtime::metadata::INPUT_PIXEL_VALUES`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum InputKind {
-    /// float32 `[N, 3, R, R]`, normalised by the caller (the trainer's input).
-    #[default]
-    Float,
-    /// uint8 `[N, R, R, 3]` resized-and-cropped RGB; the graph normalises and transposes.
-    Uint8,
-}
-
 #[derive(Clone, Debug)]
 pub struct ExportOptions {
     pub precision: Precision,
@@ -52,7 +42,7 @@ impl Default for ExportOptions {
     fn default() -> Self {
         ExportOptions {
             precision: Precision::Fp32,
-            input: InputKind::Float,
+            input: InputKind::PixelValues,
             image_features: false,
         }
     }
@@ -97,17 +87,7 @@ fn checkpoint_sha256(stem: &Path) -> Result<String, ExportError> {
 fn check_heads(heads: &[HeadSource]) -> Result<(), ExportError> {
     let first = heads.first().ok_or(ExportError::NoCheckpoints)?;
     for (i, head) in heads.iter().enumerate() {
-        let valid = !head.name.is_empty()
-            && head
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-        if !valid {
-            return Err(ExportError::Unsupported(format!(
-                "head name {:?} must be non-empty ASCII letters, digits, '_' or '-'",
-                head.name
-            )));
-        }
+        check_name("head name", &head.name)?;
         if heads[..i].iter().any(|h| h.name == head.name) {
             return Err(ExportError::Unsupported(format!(
                 "two heads are named {:?}; name them with NAME=CHECKPOINT",
@@ -242,8 +222,8 @@ pub fn build_model(
             head_list.join(", "),
             input_info.name.as_deref().unwrap_or_default(),
             match options.input {
-                InputKind::Float => "float32 NCHW, normalised",
-                InputKind::Uint8 => "uint8 NHWC, resized and cropped RGB",
+                InputKind::PixelValues => "float32 NCHW, normalised",
+                InputKind::PixelsUint8 => "uint8 NHWC, resized and cropped RGB",
             },
             match options.precision {
                 Precision::Fp32 => "fp32",
@@ -295,11 +275,11 @@ fn input_adapter(
     g.set_scope("input");
     let r = Some(resolution);
     let (pixels, info) = match options.input {
-        InputKind::Float => (
+        InputKind::PixelValues => (
             INPUT_PIXEL_VALUES.to_string(),
             value_info(INPUT_PIXEL_VALUES, data_type::FLOAT, &[None, Some(3), r, r]),
         ),
-        InputKind::Uint8 => {
+        InputKind::PixelsUint8 => {
             // (v/255 − mean)/std = v·(1/(255·std)) − mean/std, per channel.
             let scale: Vec<f32> = (0..3)
                 .map(|c| 1.0 / (255.0 * preprocessing.std[c]))
@@ -409,7 +389,7 @@ fn metadata(heads: &[HeadSource]) -> Result<ModelMetadata, ExportError> {
                 },
                 dataset: meta.dataset.clone(),
                 protocol: Some(meta.protocol.clone()),
-                metrics: meta.metrics.clone(),
+                metrics: meta.metrics,
                 checkpoint_sha256: Some(checkpoint_sha256(&head.checkpoint.path)?),
                 variant: Some(variant.into()),
                 categories: Some(meta.model.categories.clone()),

@@ -76,7 +76,7 @@ pub fn fold_head(model: &AgiqaModel) -> Result<FoldedHead, ExportError> {
                 let mut image_weight = w_img.transpose(0, 1); // [E, hidden]
                 if let Some((mean, whitening)) = model.image_norm() {
                     image_weight = whitening.to_kind(Kind::Double).matmul(&image_weight);
-                    bias = bias - mean.to_kind(Kind::Double).matmul(&image_weight);
+                    bias -= mean.to_kind(Kind::Double).matmul(&image_weight);
                 }
                 let out_weight = head.fc2().ws.to_kind(Kind::Double).transpose(0, 1);
                 let out_bias = head

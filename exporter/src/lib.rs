@@ -23,6 +23,22 @@ pub mod vision;
 pub use export::{build_model, write_model, ExportOptions, ExportedModel, HeadSource, InputKind};
 pub use graph::Precision;
 
+/// Names that become graph value names, output columns or folder names: non-empty ASCII
+/// letters, digits, `_` and `-`.
+pub(crate) fn check_name(what: &str, name: &str) -> Result<(), ExportError> {
+    let valid = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if valid {
+        Ok(())
+    } else {
+        Err(ExportError::Unsupported(format!(
+            "{what} {name:?} must be non-empty ASCII letters, digits, '_' or '-'"
+        )))
+    }
+}
+
 /// Why an export failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {

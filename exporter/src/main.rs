@@ -156,8 +156,8 @@ fn main() -> anyhow::Result<()> {
             Precision::Fp32
         },
         input: match args.input {
-            InputArg::Float => InputKind::Float,
-            InputArg::Uint8 => InputKind::Uint8,
+            InputArg::Float => InputKind::PixelValues,
+            InputArg::Uint8 => InputKind::PixelsUint8,
         },
         image_features: args.with_features,
     };

@@ -56,17 +56,7 @@ impl Default for TritonOptions {
 
 impl TritonOptions {
     fn validate(&self) -> Result<(), ExportError> {
-        let name_ok = !self.name.is_empty()
-            && self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-        if !name_ok {
-            return Err(ExportError::Unsupported(format!(
-                "Triton model name {:?} must be ASCII letters, digits, '_' or '-'",
-                self.name
-            )));
-        }
+        crate::check_name("Triton model name", &self.name)?;
         if self.max_batch_size == 0 || self.instances == 0 {
             return Err(ExportError::Unsupported(
                 "Triton max batch size and instance count must be at least 1".into(),
@@ -102,8 +92,8 @@ pub fn config_pbtxt(
     let r = resolution;
     // Dims exclude the batch dimension when max_batch_size > 0.
     let (input_name, input_type, input_dims) = match input {
-        InputKind::Float => (INPUT_PIXEL_VALUES, "TYPE_FP32", format!("3, {r}, {r}")),
-        InputKind::Uint8 => (INPUT_PIXELS_UINT8, "TYPE_UINT8", format!("{r}, {r}, 3")),
+        InputKind::PixelValues => (INPUT_PIXEL_VALUES, "TYPE_FP32", format!("3, {r}, {r}")),
+        InputKind::PixelsUint8 => (INPUT_PIXELS_UINT8, "TYPE_UINT8", format!("{r}, {r}, 3")),
     };
     // A single head's output is `[N]`: Triton needs a non-empty shape, so it is declared `[1]`
     // and reshaped to the model's `[]` per item.

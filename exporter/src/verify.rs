@@ -139,7 +139,7 @@ fn batches(
     // Random inputs: arbitrary pixels (float: any normalised values; uint8: any bytes).
     let n = options.batch.max(1);
     match input {
-        InputKind::Float => {
+        InputKind::PixelValues => {
             let values: Vec<f32> = (0..n * 3 * (r * r) as usize)
                 .map(|_| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0)
                 .collect();
@@ -149,7 +149,7 @@ fn batches(
                 graph_input: GraphInput::Float(values),
             });
         }
-        InputKind::Uint8 => {
+        InputKind::PixelsUint8 => {
             let crops: Vec<RgbImage> = (0..n)
                 .map(|_| {
                     let bytes = (0..3 * size * size)
@@ -188,11 +188,11 @@ fn batches(
     if !crops.is_empty() {
         let pixels = normalise(&preprocessor, &crops, r);
         let graph_input = match input {
-            InputKind::Float => GraphInput::Float(
+            InputKind::PixelValues => GraphInput::Float(
                 Vec::<f32>::try_from(pixels.view([-1]))
                     .map_err(|e| ExportError::Internal(e.to_string()))?,
             ),
-            InputKind::Uint8 => GraphInput::Uint8(nhwc(&crops)),
+            InputKind::PixelsUint8 => GraphInput::Uint8(nhwc(&crops)),
         };
         out.push(Batch {
             label: "synthetic images".into(),
