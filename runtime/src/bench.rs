@@ -173,9 +173,9 @@ pub fn render_table(report: &BenchReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "model {} ({:?} input, {}x{}), provider {}, threads {}\n  {}",
+        "model {} ({} input, {}x{}), provider {}, threads {}\n  {}",
         report.model.display(),
-        report.input,
+        report.input.name(),
         report.image_size,
         report.image_size,
         report.provider,
