@@ -173,7 +173,7 @@ pub fn render_table(report: &BenchReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "model {} ({} input, {}x{}), provider {}, threads {}\n  {}",
+        "model {} ({} input, {}x{}), provider {}, threads {}, ONNX Runtime {}",
         report.model.display(),
         report.input.name(),
         report.image_size,

@@ -219,7 +219,8 @@ fn main() -> anyhow::Result<()> {
         Command::Doctor { ort_lib } => {
             let path = agiqa_runtime::onnxruntime::init(ort_lib.as_deref())?;
             println!("ONNX Runtime: {}", path.display());
-            println!("build info: {}", agiqa_runtime::onnxruntime::version());
+            println!("version: {}", agiqa_runtime::onnxruntime::version());
+            println!("build info: {}", agiqa_runtime::onnxruntime::build_info());
             Ok(())
         }
         Command::Preprocess {

@@ -115,8 +115,23 @@ pub fn environment() -> Option<&'static ort::environment::Environment> {
     LOADED.get().map(|loaded| &loaded.environment)
 }
 
-/// Version string of the loaded library (e.g. `1.31.1`).
+/// Version of the loaded library, e.g. `1.31.1`, read from its versioned file name
+/// (`libonnxruntime.so.1.31.1`, what the wheels and release archives ship); `unknown` before
+/// [`init`] or for an unversioned file. [`build_info`] has the build's own description.
 pub fn version() -> String {
+    LOADED
+        .get()
+        .and_then(|loaded| std::fs::canonicalize(&loaded.path).ok())
+        .and_then(|real| {
+            let name = real.file_name()?.to_string_lossy().into_owned();
+            let (_, version) = name.split_once(".so.")?;
+            Some(version.to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// ONNX Runtime's build description (git commit, build type).
+pub fn build_info() -> String {
     ort::info().to_string()
 }
 
