@@ -25,7 +25,7 @@ from onnx import numpy_helper
 from PIL import Image
 
 
-def load(path):
+def load(path, device):
     model = onnx.load(path)
     weights = {
         t.name: torch.from_numpy(numpy_helper.to_array(t).astype(np.float32))
@@ -55,7 +55,8 @@ def load(path):
     missing = [m for m in missing if not m.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise SystemExit(f"weights do not fit the tower: missing {missing}, unexpected {unexpected}")
-    tower.eval()
+    tower.eval().to(device)
+    weights = {k: v.to(device) for k, v in weights.items() if k.startswith("heads.")}
     head_fns = []
     for head in heads:
         p = f"heads.{head['name']}."
@@ -102,18 +103,24 @@ def main():
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    forward, transform, size = load(args.model)
-    report = {"torch": torch.__version__, "threads": args.threads, "model_only": []}
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    forward, transform, size = load(args.model, device)
+    report = {"torch": torch.__version__, "threads": args.threads, "device": args.device,
+              "model_only": []}
     with torch.inference_mode():
         for n in [int(b) for b in args.batch_sizes.split(",")]:
-            x = torch.randn(n, 3, size, size)
+            x = torch.randn(n, 3, size, size, device=device)
             forward(x)
+            sync()
             runs, start = 0, time.perf_counter()
             while time.perf_counter() - start < args.seconds or runs < 2:
                 forward(x)
                 runs += 1
+            sync()
             elapsed = time.perf_counter() - start
             report["model_only"].append(
                 {"batch_size": n, "runs": runs, "images_per_second": n * runs / elapsed})
@@ -123,7 +130,7 @@ def main():
             Images(paths, transform), batch_size=args.batch_size, num_workers=args.workers)
         start, scored = time.perf_counter(), 0
         for batch in loader:
-            scored += forward(batch).shape[0]
+            scored += forward(batch.to(device, non_blocking=True)).cpu().shape[0]
         elapsed = time.perf_counter() - start
         report["end_to_end"] = {"images": scored, "seconds": elapsed,
                                 "images_per_second": scored / elapsed,
