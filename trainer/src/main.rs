@@ -319,6 +319,9 @@ struct EvalArgs {
     /// Folder for eval.json, predictions.csv and scatter.png.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Frozen-feature cache to read and fill (the one training used saves re-encoding).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
     #[arg(long, default_value = "cpu")]
     device: String,
 }
@@ -527,7 +530,7 @@ fn checkpoint_with_clip(
 fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let loaded = checkpoint_with_clip(&args.checkpoint, &args.clip, &args.device)?;
     let dataset = args.data.load()?;
-    let report = evaluate_dataset(&loaded, &dataset, None)?;
+    let report = evaluate_dataset(&loaded, &dataset, args.cache_dir.as_deref())?;
     print!("{report}");
     if let Some(out) = &args.out {
         std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
