@@ -49,6 +49,16 @@ impl Server {
     }
 }
 
+/// `POST /v1/score` with a raw image body.
+async fn post_raw(client: &reqwest::Client, url: &str, body: Vec<u8>) -> reqwest::Response {
+    client
+        .post(format!("{url}/v1/score"))
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
 async fn metrics(client: &reqwest::Client, url: &str) -> String {
     client
         .get(format!("{url}/metrics"))
@@ -100,12 +110,7 @@ async fn concurrent_clients_are_batched_and_scored() {
             expected[i % images.len()],
         );
         tasks.push(tokio::spawn(async move {
-            let response = client
-                .post(format!("{url}/v1/score"))
-                .body(body)
-                .send()
-                .await
-                .unwrap();
+            let response = post_raw(&client, &url, body).await;
             assert_eq!(response.status(), 200);
             let json: Value = response.json().await.unwrap();
             let got = json["scores"]["quality"].as_f64().unwrap() as f32;
@@ -180,12 +185,7 @@ async fn multipart_scores_each_part_and_reports_bad_ones() {
         .into_iter()
         .find(|(n, _, _)| n == "huge.png")
         .unwrap();
-    let response = client
-        .post(format!("{}/v1/score", server.url))
-        .body(huge)
-        .send()
-        .await
-        .unwrap();
+    let response = post_raw(&client, &server.url, huge).await;
     assert_eq!(response.status(), 422);
     let json: Value = response.json().await.unwrap();
     assert!(
@@ -200,12 +200,7 @@ async fn oversized_bodies_get_413() {
     let server = Server::start(load("mean_f32.onnx"), |o| o.body_limit = 16 * 1024).await;
     let client = reqwest::Client::new();
     let big = vec![0u8; 64 * 1024];
-    let response = client
-        .post(format!("{}/v1/score", server.url))
-        .body(big.clone())
-        .send()
-        .await
-        .unwrap();
+    let response = post_raw(&client, &server.url, big.clone()).await;
     assert_eq!(response.status(), 413);
     let json: Value = response.json().await.unwrap();
     assert!(json["error"].as_str().unwrap().contains("16384"), "{json}");
@@ -220,12 +215,7 @@ async fn oversized_bodies_get_413() {
     assert_eq!(response.status(), 413);
     // The server still works.
     let (_, small) = good_images().remove(0);
-    let response = client
-        .post(format!("{}/v1/score", server.url))
-        .body(small)
-        .send()
-        .await
-        .unwrap();
+    let response = post_raw(&client, &server.url, small).await;
     assert_eq!(response.status(), 200);
     let text = metrics(&client, &server.url).await;
     assert_eq!(
@@ -256,33 +246,18 @@ async fn a_full_queue_answers_503() {
     let first = tokio::spawn({
         let (client, url, body) = (client.clone(), server.url.clone(), image.clone());
         async move {
-            let r = client
-                .post(format!("{url}/v1/score"))
-                .body(body)
-                .send()
-                .await
-                .unwrap();
+            let r = post_raw(&client, &url, body).await;
             r.status().as_u16()
         }
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let second = client
-        .post(format!("{}/v1/score", server.url))
-        .body(image.clone())
-        .send()
-        .await
-        .unwrap();
+    let second = post_raw(&client, &server.url, image.clone()).await;
     assert_eq!(second.status(), 503);
     let body = second.text().await.unwrap();
     assert!(body.contains("queue is full"), "{body}");
     assert_eq!(first.await.unwrap(), 200);
     // Once the first is answered its slot is free again.
-    let third = client
-        .post(format!("{}/v1/score", server.url))
-        .body(image)
-        .send()
-        .await
-        .unwrap();
+    let third = post_raw(&client, &server.url, image).await;
     assert_eq!(third.status(), 200);
     let text = metrics(&client, &server.url).await;
     assert_eq!(
