@@ -11,6 +11,7 @@ use agiqa_runtime::metadata::{
 use agiqa_trainer::clip::VisionConfig;
 use agiqa_trainer::evaluate::LoadedCheckpoint;
 use agiqa_trainer::model::Variant;
+use agiqa_trainer::train::CheckpointMeta;
 use sha2::{Digest, Sha256};
 
 use crate::check_name;
@@ -59,7 +60,6 @@ pub struct HeadSource<'a> {
 pub struct ExportedModel {
     pub proto: ModelProto,
     pub metadata: ModelMetadata,
-    pub heads: Vec<FoldedHead>,
 }
 
 impl ExportedModel {
@@ -83,6 +83,37 @@ fn checkpoint_sha256(stem: &Path) -> Result<String, ExportError> {
     Ok(format!("{:x}", Sha256::digest(&bytes)))
 }
 
+/// Checks that checkpoint `b` can share checkpoint `a`'s image encoder: the same CLIP weights
+/// (by the SHA-256 each checkpoint records) and the same preprocessing. Callers may run it on
+/// the descriptions alone, before loading any CLIP.
+pub fn check_shared_encoder(
+    (a_path, a): (&Path, &CheckpointMeta),
+    (b_path, b): (&Path, &CheckpointMeta),
+) -> Result<(), ExportError> {
+    if a.clip_sha256 != b.clip_sha256 {
+        return Err(ExportError::Incompatible(format!(
+            "{} was trained on CLIP {} (SHA-256 {}), {} on {} (SHA-256 {}); heads of one graph \
+             must share the same image encoder weights",
+            a_path.display(),
+            a.clip_name,
+            a.clip_sha256,
+            b_path.display(),
+            b.clip_name,
+            b.clip_sha256
+        )));
+    }
+    if a.preprocessing != b.preprocessing {
+        return Err(ExportError::Incompatible(format!(
+            "{} and {} use different preprocessing ({:?} vs {:?}); one graph has one input",
+            a_path.display(),
+            b_path.display(),
+            a.preprocessing,
+            b.preprocessing
+        )));
+    }
+    Ok(())
+}
+
 /// Checks that the heads can share one image encoder and have distinct names.
 fn check_heads(heads: &[HeadSource]) -> Result<(), ExportError> {
     let first = heads.first().ok_or(ExportError::NoCheckpoints)?;
@@ -94,28 +125,10 @@ fn check_heads(heads: &[HeadSource]) -> Result<(), ExportError> {
                 head.name
             )));
         }
-        let (a, b) = (&first.checkpoint.meta, &head.checkpoint.meta);
-        if head.checkpoint.clip_sha256 != first.checkpoint.clip_sha256 {
-            return Err(ExportError::Incompatible(format!(
-                "{} was trained on CLIP {} (SHA-256 {}), {} on {} (SHA-256 {}); heads of one graph \
-                 must share the same image encoder weights",
-                first.checkpoint.path.display(),
-                a.clip_name,
-                first.checkpoint.clip_sha256,
-                head.checkpoint.path.display(),
-                b.clip_name,
-                head.checkpoint.clip_sha256
-            )));
-        }
-        if a.preprocessing != b.preprocessing {
-            return Err(ExportError::Incompatible(format!(
-                "{} and {} use different preprocessing ({:?} vs {:?}); one graph has one input",
-                first.checkpoint.path.display(),
-                head.checkpoint.path.display(),
-                a.preprocessing,
-                b.preprocessing
-            )));
-        }
+        check_shared_encoder(
+            (&first.checkpoint.path, &first.checkpoint.meta),
+            (&head.checkpoint.path, &head.checkpoint.meta),
+        )?;
     }
     Ok(())
 }
@@ -165,13 +178,11 @@ pub fn build_model(
     )?;
     let features = g.node("Div", &[&features, &norm], vec![])?;
 
-    let mut folded_heads = Vec::with_capacity(heads.len());
     let mut columns = Vec::with_capacity(heads.len());
     for head in heads {
         let folded = fold_head(&head.checkpoint.model)?;
         g.set_scope(&format!("heads.{}", head.name));
         columns.push(emit_head(&mut g, &head.name, &folded, &features)?);
-        folded_heads.push(folded);
     }
     g.set_scope("");
     let embed_dim = clip.config().embed_dim;
@@ -258,11 +269,7 @@ pub fn build_model(
         graph: Some(graph),
         metadata_props,
     };
-    Ok(ExportedModel {
-        proto,
-        metadata,
-        heads: folded_heads,
-    })
+    Ok(ExportedModel { proto, metadata })
 }
 
 /// The graph input and the nodes that turn it into the encoder's normalised NCHW pixels.
@@ -409,11 +416,12 @@ fn metadata(heads: &[HeadSource]) -> Result<ModelMetadata, ExportError> {
 }
 
 /// Writes the model atomically (temporary file, then rename): no partial `.onnx` is left.
-pub fn write_model(path: &Path, proto: &ModelProto) -> Result<u64, ExportError> {
+/// Returns the bytes written, for callers that also need them (a Triton repository).
+pub fn write_model(path: &Path, proto: &ModelProto) -> Result<Vec<u8>, ExportError> {
     let bytes = proto.to_bytes();
     agiqa_trainer::checkpoint::write_atomic(path, &bytes).map_err(|source| ExportError::Write {
         path: path.to_path_buf(),
         source,
     })?;
-    Ok(bytes.len() as u64)
+    Ok(bytes)
 }

@@ -69,15 +69,6 @@ pub fn attr_float(name: &str, value: f32) -> AttributeProto {
     }
 }
 
-pub fn attr_string(name: &str, value: &str) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(attribute_type::STRING),
-        s: Some(value.as_bytes().to_vec()),
-        ..Default::default()
-    }
-}
-
 /// A tensor-typed graph input or output; `None` dims are the symbolic batch size `N`.
 pub fn value_info(name: &str, elem_type: i32, dims: &[Option<i64>]) -> ValueInfoProto {
     let dim = dims

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use agiqa_exporter::export::check_shared_encoder;
 use agiqa_exporter::triton::{config_pbtxt, write_repository, InstanceKind, TritonOptions};
 use agiqa_exporter::verify::{verify, VerifyOptions};
 use agiqa_exporter::{build_model, write_model, ExportOptions, HeadSource, InputKind, Precision};
@@ -112,18 +113,8 @@ fn main() -> anyhow::Result<()> {
             .with_context(|| format!("cannot read checkpoint {}", stem.display()))?;
         specs.push((name.map(str::to_string), stem.to_path_buf(), meta));
     }
-    let first_hash = specs[0].2.clip_sha256.clone();
-    if let Some((_, stem, meta)) = specs.iter().find(|s| s.2.clip_sha256 != first_hash) {
-        bail!(
-            "{} was trained on CLIP {} ({}), {} on {} ({}): heads of one graph must share \
-             the same image encoder weights",
-            specs[0].1.display(),
-            specs[0].2.clip_name,
-            first_hash,
-            stem.display(),
-            meta.clip_name,
-            meta.clip_sha256
-        );
+    for (_, stem, meta) in &specs[1..] {
+        check_shared_encoder((&specs[0].1, &specs[0].2), (stem, meta))?;
     }
 
     let mut clip: Option<Clip> = match &args.clip {
@@ -134,10 +125,14 @@ fn main() -> anyhow::Result<()> {
         None => None,
     };
     let mut loaded: Vec<(String, LoadedCheckpoint)> = Vec::new();
-    for (name, stem, meta) in specs {
+    let count = specs.len();
+    for (i, (name, stem, meta)) in specs.into_iter().enumerate() {
         let checkpoint = load_checkpoint(&stem, clip.take(), &tokenizer, device)
             .with_context(|| format!("cannot load checkpoint {}", stem.display()))?;
-        clip = Some(checkpoint.model.clip().clone_frozen());
+        // The next head gets its own copy of the (verified) CLIP instead of loading it again.
+        if i + 1 < count {
+            clip = Some(checkpoint.model.clip().clone_frozen());
+        }
         loaded.push((name.unwrap_or_else(|| meta.dimension.clone()), checkpoint));
     }
     let load_s = started.elapsed().as_secs_f64();
@@ -163,7 +158,8 @@ fn main() -> anyhow::Result<()> {
     };
     let build_started = Instant::now();
     let model = build_model(&heads, &options)?;
-    let bytes = write_model(&args.out, &model.proto)?;
+    let model_bytes = write_model(&args.out, &model.proto)?;
+    let bytes = model_bytes.len() as u64;
     let export_s = build_started.elapsed().as_secs_f64();
     println!(
         "wrote {} ({:.1} MB, {}, {} input, heads: {}) in {:.2} s (+ {:.2} s loading)",
@@ -236,8 +232,6 @@ fn main() -> anyhow::Result<()> {
             model.metadata.preprocessing.image_size,
             model.metadata.heads.len(),
         )?;
-        let model_bytes = std::fs::read(&args.out)
-            .with_context(|| format!("cannot read back {}", args.out.display()))?;
         let entry = write_repository(repo, &triton, &model_bytes, &config)?;
         println!("wrote Triton model repository entry {}", entry.display());
         report["triton"] = serde_json::json!(entry);

@@ -22,7 +22,6 @@ pub mod data_type {
 pub mod attribute_type {
     pub const FLOAT: i32 = 1;
     pub const INT: i32 = 2;
-    pub const STRING: i32 = 3;
     pub const INTS: i32 = 7;
 }
 

@@ -63,15 +63,6 @@ pub struct VerifyReport {
     pub passed: bool,
 }
 
-impl VerifyReport {
-    pub fn max_abs(&self) -> f64 {
-        self.cases.iter().map(|c| c.max_abs).fold(0.0, f64::max)
-    }
-    pub fn max_rel(&self) -> f64 {
-        self.cases.iter().map(|c| c.max_rel).fold(0.0, f64::max)
-    }
-}
-
 impl std::fmt::Display for VerifyReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         for case in &self.cases {
