@@ -6,6 +6,8 @@
 //! schema ([`metadata`]) — so the trainer depends on this crate (without its ONNX Runtime
 //! parts, feature `onnx`) rather than keeping copies that could drift.
 
+pub mod atomic_file;
+pub mod csv_line;
 pub mod jpeg;
 pub mod metadata;
 pub mod metrics;
