@@ -15,7 +15,9 @@ use agiqa_trainer::data::split::{
     AIGCIQA2023_REFERENCE_SPLIT_AUTHENTICITY_CSV, AIGCIQA2023_REFERENCE_SPLIT_QUALITY_CSV,
     DEFAULT_FRACTIONS,
 };
-use agiqa_trainer::data::synthetic::{write_agiqa3k_like, write_aigciqa2023_like, SynthOptions};
+use agiqa_trainer::data::synthetic_dataset::{
+    write_agiqa3k_like, write_aigciqa2023_like, SynthOptions,
+};
 use agiqa_trainer::data::{
     load_dataset, DataError, Dataset, DatasetSpec, LoadOptions, Protocol, Split,
 };

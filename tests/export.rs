@@ -16,10 +16,11 @@ use agiqa_exporter::{
 };
 use agiqa_runtime::metadata::ModelMetadata;
 use agiqa_runtime::scorer::{ExecutionProvider, Scorer, ScorerOptions};
-use agiqa_trainer::evaluate::{load_checkpoint, predict_files, LoadedCheckpoint};
+use agiqa_trainer::checkpoint::{load_checkpoint, write_untrained, LoadedCheckpoint};
+use agiqa_trainer::clip::ClipSource;
+use agiqa_trainer::evaluate::predict_files;
 use agiqa_trainer::model::{ImageNorm, ModelConfig, Variant};
 use agiqa_trainer::tokenizer::ClipTokenizer;
-use agiqa_trainer::train::{write_untrained, ClipSource};
 use tch::{Device, Kind, Tensor};
 
 fn scratch(name: &str) -> PathBuf {
@@ -514,7 +515,7 @@ fn triton_repositories_follow_tritons_schema() {
 /// give the same scores for the same image files: one preprocessing, one model, two engines.
 #[test]
 fn the_runtime_scores_files_as_the_trainer_does() {
-    use agiqa_trainer::synthetic::{procedural_scene, Distortion};
+    use agiqa_trainer::synthetic_images::{procedural_scene, Distortion};
     let dir = scratch("runtime");
     let mut loaded = checkpoint(
         &dir.join("run"),

@@ -5,14 +5,17 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use agiqa_trainer::checkpoint::load_checkpoint;
 use agiqa_trainer::clip::Clip;
+use agiqa_trainer::clip::ClipSource;
 use agiqa_trainer::config::{ProtocolConfig, TrainConfig};
-use agiqa_trainer::data::synthetic::{write_agiqa3k_like, SynthOptions};
+use agiqa_trainer::data::synthetic_dataset::{write_agiqa3k_like, SynthOptions};
 use agiqa_trainer::data::{load_dataset, Dataset, DatasetSpec, LoadOptions};
-use agiqa_trainer::evaluate::{evaluate_dataset, load_checkpoint, predict_files};
+use agiqa_trainer::evaluate::{evaluate_dataset, predict_files};
 use agiqa_trainer::model::{ImageNorm, Variant};
 use agiqa_trainer::tokenizer::ClipTokenizer;
-use agiqa_trainer::train::{read_log, ClipSource, TrainError, TrainJob};
+use agiqa_trainer::train::{read_log, RunOutcome, TrainJob};
+use agiqa_trainer::TrainError;
 use tch::Device;
 
 fn scratch(name: &str) -> PathBuf {
@@ -105,7 +108,11 @@ fn training_learns_synthetic_quality_and_the_checkpoint_scores_images() {
     // upscaling, which swamps the blur and noise cues a random encoder can see.
     let mut learn = config(40, Some(&out.join("cache")));
     learn.augmentation.enabled = false;
-    let summary = job(&model, &data, learn, &out.join("run")).run().unwrap();
+    let summary = job(&model, &data, learn, &out.join("run"))
+        .run()
+        .unwrap()
+        .finished()
+        .unwrap();
     let test = summary.splits[0].test;
     println!("synthetic AGIQA-3K-like, tiny random CLIP, 40 epochs: {test:?}");
     assert!(test.srcc >= 0.8, "held-out SRCC {} < 0.8", test.srcc);
@@ -167,11 +174,18 @@ fn a_killed_run_resumes_to_the_uninterrupted_result() {
     let cache = out.join("cache");
     let full = job(&model, &data, config(6, Some(&cache)), &out.join("full"))
         .run()
+        .unwrap()
+        .finished()
         .unwrap();
 
     let mut first = job(&model, &data, config(6, Some(&cache)), &out.join("killed"));
     first.stop_after_epochs = Some(3);
-    assert!(matches!(first.run(), Err(TrainError::Invalid(m)) if m.contains("resume")));
+    // A requested stop is not an error: it reports where it stopped, and the run resumes.
+    assert!(matches!(
+        first.run(),
+        Ok(RunOutcome::Stopped { epoch: 3, ref dir }) if dir.ends_with("killed")
+    ));
+    assert!(agiqa_trainer::checkpoint::load(&out.join("killed/last")).is_ok());
     assert_eq!(read_log(&out.join("killed/log.jsonl")).unwrap().len(), 3);
     // Without --resume, a folder holding a run is refused rather than overwritten.
     assert!(matches!(
@@ -180,7 +194,7 @@ fn a_killed_run_resumes_to_the_uninterrupted_result() {
     ));
     let mut second = job(&model, &data, config(6, Some(&cache)), &out.join("killed"));
     second.resume = true;
-    let resumed = second.run().unwrap();
+    let resumed = second.run().unwrap().finished().unwrap();
 
     assert_eq!(full.splits[0].best_epoch, resumed.splits[0].best_epoch);
     assert_eq!(
@@ -205,9 +219,13 @@ fn cached_and_uncached_features_give_the_same_losses() {
     let uncached = config(2, None);
     job(&model, &data, cached, &out.join("cached"))
         .run()
+        .unwrap()
+        .finished()
         .unwrap();
     job(&model, &data, uncached, &out.join("uncached"))
         .run()
+        .unwrap()
+        .finished()
         .unwrap();
     let a = read_log(&out.join("cached/log.jsonl")).unwrap();
     let b = read_log(&out.join("uncached/log.jsonl")).unwrap();
@@ -233,7 +251,11 @@ fn paper_protocol_and_ablation_variants_run_and_are_labelled() {
 
     let mut paper = config(2, Some(&cache));
     paper.protocol = ProtocolConfig::Paper;
-    let summary = job(&model, &data, paper, &out.join("paper")).run().unwrap();
+    let summary = job(&model, &data, paper, &out.join("paper"))
+        .run()
+        .unwrap()
+        .finished()
+        .unwrap();
     assert!(
         summary.splits[0].protocol.contains("TEST set"),
         "{}",
@@ -251,6 +273,8 @@ fn paper_protocol_and_ablation_variants_run_and_are_labelled() {
     };
     let summary = job(&model, &data, repeated, &out.join("repeated"))
         .run()
+        .unwrap()
+        .finished()
         .unwrap();
     assert_eq!(summary.splits.len(), 2);
     assert!(out.join("repeated/split-1/best.json").is_file());
@@ -261,6 +285,8 @@ fn paper_protocol_and_ablation_variants_run_and_are_labelled() {
     classification.model.context_len = 8;
     let summary = job(&model, &data, classification, &out.join("classification"))
         .run()
+        .unwrap()
+        .finished()
         .unwrap();
     assert!(summary.splits[0].test.srcc.is_finite());
 
@@ -268,6 +294,8 @@ fn paper_protocol_and_ablation_variants_run_and_are_labelled() {
     zero_shot.model.variant = Variant::ZeroShot;
     let summary = job(&model, &data, zero_shot, &out.join("zero-shot"))
         .run()
+        .unwrap()
+        .finished()
         .unwrap();
     assert_eq!(summary.splits[0].best_epoch, 0, "zero-shot trains nothing");
     assert!(!out.join("zero-shot/log.jsonl").exists());
@@ -277,6 +305,8 @@ fn paper_protocol_and_ablation_variants_run_and_are_labelled() {
     scores.model.context_len = 32;
     let summary = job(&model, &data, scores, &out.join("scores6"))
         .run()
+        .unwrap()
+        .finished()
         .unwrap();
     assert!(summary.splits[0].test.n > 0);
 }

@@ -71,3 +71,63 @@ fn readme_commands_exist_and_ci_runs_the_test_command() {
         assert!(root.join(script).is_file(), "{script} is missing");
     }
 }
+
+/// Checkpoints are read and written in one place (`trainer/src/checkpoint/`): no other module
+/// of the trainer or the exporter opens checkpoint files or parses their descriptions itself.
+#[test]
+fn only_the_checkpoint_module_touches_checkpoint_files() {
+    let forbidden = [
+        "write_safetensors",
+        "read_safetensors",
+        "best.json",
+        "last.json",
+        "best.safetensors",
+        "last.safetensors",
+        "tensors_sha256\":",
+        "from_slice::<CheckpointMeta>",
+        "from_str::<CheckpointMeta>",
+        ": CheckpointMeta = serde_json",
+    ];
+    // CLIP weight files (not checkpoints) are safetensors too: the loaders may read them.
+    let allowed = ["trainer/src/checkpoint/", "trainer/src/weights/"];
+    let mut offenders = Vec::new();
+    for dir in ["trainer/src", "exporter/src"] {
+        let mut stack = vec![workspace_root().join(dir)];
+        while let Some(path) = stack.pop() {
+            if path.is_dir() {
+                stack.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+                continue;
+            }
+            let relative = path
+                .strip_prefix(workspace_root())
+                .unwrap()
+                .to_string_lossy()
+                .replace('\\', "/");
+            if path.extension().is_none_or(|e| e != "rs")
+                || allowed.iter().any(|a| relative.starts_with(a))
+            {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            // Unit tests may build files of their own; comments and help texts may name them.
+            let code: String = text
+                .split("#[cfg(test)]")
+                .next()
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("//"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            for pattern in forbidden {
+                if code.contains(pattern) {
+                    offenders.push(format!("{relative}: {pattern}"));
+                }
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "checkpoint files touched outside trainer/src/checkpoint/:\n{}",
+        offenders.join("\n")
+    );
+}

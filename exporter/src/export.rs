@@ -8,11 +8,9 @@ use agiqa_runtime::metadata::{
     HeadInfo, ModelMetadata, ScoreScale, INPUT_PIXELS_UINT8, INPUT_PIXEL_VALUES,
     METADATA_FORMAT_VERSION, OUTPUT_IMAGE_FEATURES, OUTPUT_SCORE, OUTPUT_SCORES,
 };
+use agiqa_trainer::checkpoint::{CheckpointMeta, LoadedCheckpoint};
 use agiqa_trainer::clip::VisionConfig;
-use agiqa_trainer::evaluate::LoadedCheckpoint;
 use agiqa_trainer::model::Variant;
-use agiqa_trainer::train::CheckpointMeta;
-use sha2::{Digest, Sha256};
 
 use crate::check_name;
 use crate::fold::{fold_head, host, FoldedHead};
@@ -75,12 +73,7 @@ impl ExportedModel {
 
 /// SHA-256 of a checkpoint's tensors file (`<stem>.safetensors`).
 fn checkpoint_sha256(stem: &Path) -> Result<String, ExportError> {
-    let path = agiqa_trainer::checkpoint::paths(stem).0;
-    let bytes = std::fs::read(&path).map_err(|source| ExportError::Read {
-        path: path.clone(),
-        source,
-    })?;
-    Ok(format!("{:x}", Sha256::digest(&bytes)))
+    Ok(agiqa_trainer::checkpoint::tensors_sha256(stem)?)
 }
 
 /// Checks that checkpoint `b` can share checkpoint `a`'s image encoder: the same CLIP weights
@@ -419,9 +412,11 @@ fn metadata(heads: &[HeadSource]) -> Result<ModelMetadata, ExportError> {
 /// Returns the bytes written, for callers that also need them (a Triton repository).
 pub fn write_model(path: &Path, proto: &ModelProto) -> Result<Vec<u8>, ExportError> {
     let bytes = proto.to_bytes();
-    agiqa_trainer::checkpoint::write_atomic(path, &bytes).map_err(|source| ExportError::Write {
-        path: path.to_path_buf(),
-        source,
+    agiqa_runtime::atomic_file::write_atomic(path, &bytes).map_err(|source| {
+        ExportError::Write {
+            path: path.to_path_buf(),
+            source,
+        }
     })?;
     Ok(bytes)
 }

@@ -150,7 +150,7 @@ mod tests {
 
     /// `[n, E]` deterministic unit vectors (no global libtorch RNG).
     fn unit_rows(n: i64, e: i64, seed: u64) -> Tensor {
-        let mut rng = agiqa_trainer::synthetic::SplitMix64::new(seed);
+        let mut rng = agiqa_trainer::synthetic_images::SplitMix64::new(seed);
         let values: Vec<f32> = (0..n * e)
             .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
             .collect();

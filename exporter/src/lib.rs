@@ -65,7 +65,9 @@ pub enum ExportError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Train(#[from] agiqa_trainer::train::TrainError),
+    Train(#[from] agiqa_trainer::TrainError),
+    #[error(transparent)]
+    Checkpoint(#[from] agiqa_trainer::checkpoint::CheckpointError),
     #[error(transparent)]
     OrtLibrary(#[from] agiqa_runtime::onnxruntime::OrtLibraryError),
     #[error("ONNX Runtime: {0}")]

@@ -8,10 +8,11 @@ use agiqa_exporter::export::check_shared_encoder;
 use agiqa_exporter::triton::{config_pbtxt, write_repository, InstanceKind, TritonOptions};
 use agiqa_exporter::verify::{verify, VerifyOptions};
 use agiqa_exporter::{build_model, write_model, ExportOptions, HeadSource, InputKind, Precision};
+use agiqa_trainer::checkpoint::CheckpointMeta;
+use agiqa_trainer::checkpoint::{load_checkpoint, LoadedCheckpoint};
 use agiqa_trainer::clip::Clip;
-use agiqa_trainer::evaluate::{load_checkpoint, LoadedCheckpoint};
+use agiqa_trainer::device::device_from;
 use agiqa_trainer::tokenizer::ClipTokenizer;
-use agiqa_trainer::train::{device_from, CheckpointMeta};
 use anyhow::{bail, Context};
 use clap::Parser;
 
@@ -109,7 +110,7 @@ fn main() -> anyhow::Result<()> {
     let mut specs = Vec::new();
     for spec in &args.checkpoints {
         let (name, stem) = split_name(spec);
-        let (_, meta): (_, CheckpointMeta) = agiqa_trainer::checkpoint::load(stem)
+        let meta: CheckpointMeta = agiqa_trainer::checkpoint::read_description(stem)
             .with_context(|| format!("cannot read checkpoint {}", stem.display()))?;
         specs.push((name.map(str::to_string), stem.to_path_buf(), meta));
     }
@@ -237,7 +238,7 @@ fn main() -> anyhow::Result<()> {
         report["triton"] = serde_json::json!(entry);
     }
     if let Some(path) = &args.report {
-        agiqa_trainer::checkpoint::write_atomic(
+        agiqa_runtime::atomic_file::write_atomic(
             path,
             serde_json::to_string_pretty(&report)?.as_bytes(),
         )

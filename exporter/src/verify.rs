@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use agiqa_runtime::preprocess::{Preprocessing, Preprocessor};
-use agiqa_trainer::synthetic::{procedural_scene, Distortion, SplitMix64};
+use agiqa_trainer::synthetic_images::{procedural_scene, Distortion, SplitMix64};
 use image::RgbImage;
 use serde::Serialize;
 use tch::{Kind, Tensor};

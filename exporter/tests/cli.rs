@@ -13,7 +13,7 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn untrained(dir: &Path) -> PathBuf {
-    let source = agiqa_trainer::train::ClipSource::Random {
+    let source = agiqa_trainer::clip::ClipSource::Random {
         preset: "tiny".into(),
         seed: 0,
     };
@@ -22,7 +22,7 @@ fn untrained(dir: &Path) -> PathBuf {
         ..Default::default()
     };
     let tokenizer = agiqa_trainer::tokenizer::ClipTokenizer::embedded().unwrap();
-    agiqa_trainer::train::write_untrained(
+    agiqa_trainer::checkpoint::write_untrained(
         &source,
         &config,
         "quality",
@@ -102,12 +102,12 @@ fn a_broken_checkpoint_is_refused_and_nothing_is_written() {
 
     // Two checkpoints on different CLIP weights cannot share one graph.
     let other = {
-        let source = agiqa_trainer::train::ClipSource::Random {
+        let source = agiqa_trainer::clip::ClipSource::Random {
             preset: "tiny".into(),
             seed: 9,
         };
         let tokenizer = agiqa_trainer::tokenizer::ClipTokenizer::embedded().unwrap();
-        agiqa_trainer::train::write_untrained(
+        agiqa_trainer::checkpoint::write_untrained(
             &source,
             &Default::default(),
             "quality",

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use agiqa_runtime::preprocess::RandomResizedCrop;
 use serde::{Deserialize, Serialize};
 
-use crate::model::ModelConfig;
+use crate::model::{parse_categories, ImageNorm, ModelConfig, Variant};
+use crate::prompt::ContextInit;
 
 /// Everything that defines a training run, except where its data and CLIP weights come from.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -46,7 +47,7 @@ impl Default for TrainConfig {
 }
 
 /// Which update rule.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum OptimizerKind {
     /// SGD with momentum: the reference's.
@@ -55,6 +56,7 @@ pub enum OptimizerKind {
     /// AdamW: converges in far fewer steps on poorly conditioned features (e.g. a CLIP with
     /// random weights); not the paper's setting.
     #[serde(rename = "adamw")]
+    #[value(name = "adamw")]
     AdamW,
 }
 
@@ -174,7 +176,169 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// Which protocol a run follows (the `--protocol` choice).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProtocolChoice {
+    /// The authors' reference split, best epoch on test (to compare with the paper).
+    Paper,
+    /// Seeded train/val/test, checkpoint selected on validation (honest default).
+    Random,
+    /// The split column of a manifest.
+    Manifest,
+}
+
+/// Command-line overrides of a [`TrainConfig`] (flattened into `agiqa-train train`): every field
+/// left unset keeps the file's (or the paper's default) value.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct TrainOverrides {
+    /// Training epochs (paper: 100).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Images per optimiser step (paper: 32).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Peak learning rate after warm-up (paper: 0.002).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Update rule.
+    #[arg(long, value_enum)]
+    pub optimizer: Option<OptimizerKind>,
+    /// Seeds data order, augmentation, dropout and the context initialisation.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Learnable context tokens (M; paper: 16).
+    #[arg(long)]
+    pub context_len: Option<usize>,
+    /// Initialise the context from a phrase (e.g. "a photo of a") instead of N(0, 0.02).
+    #[arg(long)]
+    pub context_init: Option<String>,
+    /// Quality categories: adjectives6, adjectives8, scores6, or a comma-separated list.
+    #[arg(long)]
+    pub categories: Option<String>,
+    /// Model variant: the paper's regression, the no-regression ablation, or CLIP-IQA zero-shot.
+    #[arg(long, value_enum)]
+    pub variant: Option<Variant>,
+    /// Evaluation protocol.
+    #[arg(long, value_enum)]
+    pub protocol: Option<ProtocolChoice>,
+    /// Whiten image features with training-set statistics before the head (for encoders whose
+    /// quality signal hides in low-variance directions, such as a random tiny CLIP; not the
+    /// paper's setting).
+    #[arg(long)]
+    pub whiten_features: bool,
+    /// Random splits to repeat (mean ± std), random protocol only.
+    #[arg(long)]
+    pub repeats: Option<usize>,
+    /// Keep all images of one prompt in the same split part (random protocol only).
+    #[arg(long)]
+    pub grouped_by_prompt: bool,
+    /// Turn off random-resized-crop + flip augmentation.
+    #[arg(long)]
+    pub no_augment: bool,
+    /// Augmented views per image precomputed in the feature cache.
+    #[arg(long)]
+    pub views: Option<usize>,
+    /// Feature cache folder.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Run the image encoder every epoch instead of caching features.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
 impl TrainConfig {
+    /// The configuration of a run: `file` (TOML or JSON) or the paper's defaults, with
+    /// `overrides` applied, validated.
+    pub fn resolve(file: Option<&Path>, overrides: &TrainOverrides) -> Result<Self, ConfigError> {
+        let mut config = match file {
+            Some(path) => TrainConfig::from_file(path)?,
+            None => TrainConfig::default(),
+        };
+        config.apply(overrides)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Applies command-line overrides.
+    pub fn apply(&mut self, o: &TrainOverrides) -> Result<(), ConfigError> {
+        let c = self;
+        if let Some(v) = o.epochs {
+            c.epochs = v;
+        }
+        if let Some(v) = o.batch_size {
+            c.batch_size = v;
+        }
+        if let Some(v) = o.lr {
+            c.optimizer.lr = v;
+        }
+        if let Some(v) = o.optimizer {
+            c.optimizer.kind = v;
+        }
+        if let Some(v) = o.seed {
+            c.seed = v;
+        }
+        if let Some(v) = o.context_len {
+            c.model.context_len = v;
+        }
+        if let Some(v) = &o.context_init {
+            c.model.context_init = ContextInit::Phrase(v.clone());
+        }
+        if let Some(v) = &o.categories {
+            c.model.categories =
+                parse_categories(v).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        }
+        if let Some(v) = o.variant {
+            c.model.variant = v;
+        }
+        if o.whiten_features {
+            c.model.image_norm = ImageNorm::Whiten;
+        }
+        match o.protocol {
+            Some(ProtocolChoice::Paper) => c.protocol = ProtocolConfig::Paper,
+            Some(ProtocolChoice::Manifest) => c.protocol = ProtocolConfig::Manifest,
+            Some(ProtocolChoice::Random)
+                if !matches!(c.protocol, ProtocolConfig::Random { .. }) =>
+            {
+                c.protocol = ProtocolConfig::default()
+            }
+            _ => {}
+        }
+        if let ProtocolConfig::Random {
+            repeats,
+            grouped_by_prompt,
+            ..
+        } = &mut c.protocol
+        {
+            if let Some(v) = o.repeats {
+                *repeats = v;
+            }
+            *grouped_by_prompt |= o.grouped_by_prompt;
+        } else if o.repeats.is_some() || o.grouped_by_prompt {
+            return Err(ConfigError::Invalid(
+                "--repeats and --grouped-by-prompt apply to --protocol random only".into(),
+            ));
+        }
+        if o.no_augment {
+            c.augmentation.enabled = false;
+        }
+        if let Some(v) = o.views {
+            c.augmentation.views = v;
+        }
+        if let Some(v) = &o.cache_dir {
+            c.feature_cache = Some(v.clone());
+        }
+        if o.no_cache {
+            c.feature_cache = None;
+        }
+        if let Some(v) = &o.device {
+            c.device = v.clone();
+        }
+        Ok(())
+    }
+
     /// Reads a `.toml` or `.json` file; missing fields take the paper's defaults.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let raw = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -264,6 +428,39 @@ mod tests {
                 < 1e-15
         );
         assert!(c.optimizer.lr_at(99, 100) < 1e-5);
+    }
+
+    #[test]
+    fn overrides_apply_and_conflicts_are_errors() {
+        let overrides = TrainOverrides {
+            epochs: Some(3),
+            optimizer: Some(OptimizerKind::AdamW),
+            variant: Some(Variant::Classification),
+            protocol: Some(ProtocolChoice::Random),
+            repeats: Some(4),
+            no_cache: true,
+            ..TrainOverrides::default()
+        };
+        let c = TrainConfig::resolve(None, &overrides).unwrap();
+        assert_eq!((c.epochs, c.optimizer.kind), (3, OptimizerKind::AdamW));
+        assert_eq!(c.model.variant, Variant::Classification);
+        assert!(matches!(
+            c.protocol,
+            ProtocolConfig::Random { repeats: 4, .. }
+        ));
+        assert_eq!(c.feature_cache, None);
+        let paper_with_repeats = TrainOverrides {
+            protocol: Some(ProtocolChoice::Paper),
+            repeats: Some(2),
+            ..TrainOverrides::default()
+        };
+        let err = TrainConfig::resolve(None, &paper_with_repeats).unwrap_err();
+        assert!(err.to_string().contains("--protocol random only"), "{err}");
+        let zero = TrainOverrides {
+            batch_size: Some(0),
+            ..TrainOverrides::default()
+        };
+        assert!(TrainConfig::resolve(None, &zero).is_err());
     }
 
     #[test]

@@ -7,60 +7,11 @@ use agiqa_runtime::preprocess::{DecodeLimits, PreprocessError, Preprocessor};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use crate::checkpoint;
-use crate::clip::Clip;
+use crate::checkpoint::LoadedCheckpoint;
 use crate::data::Dataset;
-use crate::features::{clip_fingerprint, FeatureExtractor, ViewSpec};
+use crate::error::TrainError;
+use crate::features::{FeatureExtractor, ViewSpec};
 use crate::model::AgiqaModel;
-use crate::tokenizer::ClipTokenizer;
-use crate::train::{load_trainable, CheckpointMeta, TrainError};
-
-/// A checkpoint made ready to score: its model (with the frozen CLIP) and description.
-pub struct LoadedCheckpoint {
-    pub model: AgiqaModel,
-    pub meta: CheckpointMeta,
-    pub clip_sha256: String,
-    pub path: PathBuf,
-}
-
-/// Loads checkpoint `stem` (`run/best`), with the CLIP it was trained on: `clip` when given,
-/// else the source the checkpoint records. The CLIP weights must be the same ones (SHA-256).
-pub fn load_checkpoint(
-    stem: &Path,
-    clip: Option<Clip>,
-    tokenizer: &ClipTokenizer,
-    device: Device,
-) -> Result<LoadedCheckpoint, TrainError> {
-    let (tensors, meta): (_, CheckpointMeta) = checkpoint::load(stem)?;
-    if meta.format != crate::train::CHECKPOINT_FORMAT {
-        return Err(TrainError::Invalid(format!(
-            "{} has format {:?}; this version reads {:?}",
-            stem.display(),
-            meta.format,
-            crate::train::CHECKPOINT_FORMAT
-        )));
-    }
-    let clip = match clip {
-        Some(clip) => clip,
-        None => meta.clip_source.load(device)?,
-    };
-    let found = clip_fingerprint(&clip);
-    if found != meta.clip_sha256 {
-        return Err(TrainError::ClipMismatch {
-            checkpoint: stem.to_path_buf(),
-            expected: meta.clip_sha256.clone(),
-            found,
-        });
-    }
-    let mut model = AgiqaModel::new(clip, tokenizer, &meta.model)?;
-    load_trainable(&mut model, &tensors)?;
-    Ok(LoadedCheckpoint {
-        model,
-        meta,
-        clip_sha256: found,
-        path: stem.to_path_buf(),
-    })
-}
 
 /// A checkpoint's scores on a dataset.
 #[derive(Debug, Serialize)]
@@ -68,8 +19,11 @@ pub struct EvalReport {
     pub checkpoint: PathBuf,
     pub dataset: String,
     pub dimension: String,
-    /// The protocol the checkpoint was trained under (this evaluation uses every sample given).
+    /// The protocol the checkpoint was trained under.
     pub trained_with: String,
+    /// Which images the numbers cover: this evaluation scores every image of the dataset given,
+    /// so a number on the dataset the checkpoint was trained on includes its training images.
+    pub covered: String,
     pub metrics: Correlations,
     pub logistic: Logistic4,
     pub predictions: Vec<(String, f64, f64)>,
@@ -86,6 +40,7 @@ impl std::fmt::Display for EvalReport {
             self.metrics.n
         )?;
         writeln!(f, "trained with: {}", self.trained_with)?;
+        writeln!(f, "images scored: {}", self.covered)?;
         writeln!(
             f,
             "{:>8} {:>8} {:>8} {:>10}",
@@ -97,6 +52,58 @@ impl std::fmt::Display for EvalReport {
             self.metrics.plcc, self.metrics.srcc, self.metrics.krcc, self.metrics.plcc_logistic
         )
     }
+}
+
+/// What a whole-dataset evaluation covers, said so that it is never read as a held-out number.
+fn covered_label(loaded: &LoadedCheckpoint, dataset: &Dataset) -> String {
+    let n = dataset.samples.len();
+    if loaded.meta.dataset == dataset.name && loaded.meta.dimension == dataset.dimension {
+        format!(
+            "all {n} images (train, val and test parts together: includes the images this checkpoint was trained on; not a held-out figure)"
+        )
+    } else {
+        format!(
+            "all {n} images of {} (not the checkpoint's training set)",
+            dataset.name
+        )
+    }
+}
+
+/// Writes `eval.json` and `scatter.png` (titled with what was covered) into `out`; returns
+/// their paths.
+pub fn write_eval_outputs(
+    report: &EvalReport,
+    out: &Path,
+) -> Result<(PathBuf, PathBuf), TrainError> {
+    std::fs::create_dir_all(out).map_err(crate::error::write_err(out))?;
+    let json = out.join("eval.json");
+    let bytes =
+        serde_json::to_vec_pretty(report).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    agiqa_runtime::atomic_file::write_atomic(&json, &bytes)
+        .map_err(crate::error::write_err(&json))?;
+    let (pred, mos): (Vec<f64>, Vec<f64>) =
+        report.predictions.iter().map(|(_, m, p)| (*p, *m)).unzip();
+    let includes_training = if report.covered.contains("trained on") {
+        ", incl. training"
+    } else {
+        ""
+    };
+    let title = format!(
+        "{} / {} — all {} images{includes_training}",
+        report.dataset,
+        report.dimension,
+        report.predictions.len()
+    );
+    let scatter = out.join("scatter.png");
+    crate::plots::plot_scatter(
+        &scatter,
+        &title,
+        &pred,
+        &mos,
+        Some(&report.logistic),
+        &report.metrics,
+    )?;
+    Ok((json, scatter))
 }
 
 /// Scores every sample of `dataset` (centre view) and compares with its MOS.
@@ -116,8 +123,7 @@ pub fn evaluate_dataset(
     .squeeze_dim(1);
     let mos = dataset.mos();
     let all: Vec<usize> = (0..dataset.samples.len()).collect();
-    let (metrics, predicted) =
-        crate::train::evaluate_features(&loaded.model, &features, &mos, &all)?;
+    let (metrics, predicted) = evaluate_features(&loaded.model, &features, &mos, &all)?;
     Ok(EvalReport {
         checkpoint: loaded.path.clone(),
         dataset: dataset.name.clone(),
@@ -126,6 +132,7 @@ pub fn evaluate_dataset(
             "{} / {} — {}",
             loaded.meta.dataset, loaded.meta.dimension, loaded.meta.protocol
         ),
+        covered: covered_label(loaded, dataset),
         logistic: Logistic4::fit(&predicted, &mos),
         metrics,
         predictions: dataset
@@ -135,6 +142,31 @@ pub fn evaluate_dataset(
             .map(|(s, &p)| (s.name.clone(), s.mos, p))
             .collect(),
     })
+}
+
+/// Scores `indices` from centre-view features; returns metrics and the predictions.
+pub fn evaluate_features(
+    model: &AgiqaModel,
+    center: &Tensor,
+    mos: &[f64],
+    indices: &[usize],
+) -> Result<(Correlations, Vec<f64>), TrainError> {
+    let rows = Tensor::from_slice(&indices.iter().map(|&i| i as i64).collect::<Vec<_>>());
+    let predictions: Vec<f64> = tch::no_grad(|| -> Result<Vec<f64>, TrainError> {
+        let text = model.text_features();
+        let image = center.index_select(0, &rows);
+        let mut out = Vec::with_capacity(indices.len());
+        for chunk in image.split(256, 0) {
+            let s = model
+                .scores(&chunk, &text, false)
+                .to_kind(Kind::Double)
+                .to_device(Device::Cpu);
+            out.extend(Vec::<f64>::try_from(&s)?);
+        }
+        Ok(out)
+    })?;
+    let truth: Vec<f64> = indices.iter().map(|&i| mos[i]).collect();
+    Ok((Correlations::compute(&predictions, &truth)?, predictions))
 }
 
 /// Scores image files; a file that cannot be read is reported, the others still scored.

@@ -14,12 +14,13 @@ use agiqa_runtime::preprocess::{
     decode_image_file, CropBox, DecodeLimits, PreprocessError, Preprocessing, Preprocessor,
     RandomResizedCrop,
 };
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
 use crate::clip::Clip;
-use crate::synthetic::SplitMix64;
+use crate::synthetic_images::SplitMix64;
 
 /// Which views of each image are encoded.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -236,49 +237,23 @@ impl<'a> FeatureExtractor<'a> {
         let views = wanted.first().map_or(0, Vec::len);
         let tensor_len = self.preprocessor.config().tensor_len();
         let mut pixels = vec![0f32; paths.len() * views * tensor_len];
-        // Decoding and resampling dominate on CPU: spread the images over the cores.
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(paths.len().max(1));
-        let per_thread = paths.len().div_ceil(threads);
-        let results: Vec<Result<(), PreprocessError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = pixels
-                .chunks_mut((per_thread * views * tensor_len).max(1))
-                .enumerate()
-                .map(|(t, out)| {
-                    let start = t * per_thread;
-                    let my_paths = &paths[start..(start + per_thread).min(paths.len())];
-                    let my_hashes = &hashes[start..(start + per_thread).min(paths.len())];
-                    let my_wanted = &wanted[start..(start + per_thread).min(paths.len())];
-                    let (preprocessor, spec, limits) =
-                        (&self.preprocessor, &self.spec, &self.limits);
-                    scope.spawn(move || {
-                        preprocess_views(
-                            preprocessor,
-                            spec,
-                            limits,
-                            my_paths,
-                            my_hashes,
-                            my_wanted,
-                            out,
-                        )
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(PreprocessError::Unsupported(
-                            "preprocessing thread panicked".into(),
-                        ))
-                    })
-                })
-                .collect()
-        });
-        for result in results {
-            result?;
-        }
+        // Decoding and resampling dominate on CPU: spread the images over the worker pool.
+        let per_image = (views * tensor_len).max(1);
+        let (preprocessor, spec, limits) = (&self.preprocessor, &self.spec, &self.limits);
+        pixels
+            .par_chunks_mut(per_image)
+            .zip(paths.par_iter().zip(hashes).zip(wanted))
+            .try_for_each(|(out, ((path, hash), wanted))| {
+                preprocess_views(
+                    preprocessor,
+                    spec,
+                    limits,
+                    std::slice::from_ref(path),
+                    std::slice::from_ref(hash),
+                    std::slice::from_ref(wanted),
+                    out,
+                )
+            })?;
         let size = i64::from(self.preprocessor.config().image_size);
         let batch = Tensor::from_slice(&pixels)
             .view([(paths.len() * views) as i64, 3, size, size])
@@ -324,7 +299,7 @@ impl<'a> FeatureExtractor<'a> {
         }
         let values: Vec<f32> = Vec::try_from(features.contiguous().flatten(0, -1))?;
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        crate::checkpoint::write_atomic(&path, &bytes).map_err(write_err)
+        agiqa_runtime::atomic_file::write_atomic(&path, &bytes).map_err(write_err)
     }
 }
 
@@ -366,7 +341,7 @@ mod tests {
         (0..n)
             .map(|i| {
                 let path = dir.join(format!("img{i}.png"));
-                crate::synthetic::procedural_scene(i, 96, 64)
+                crate::synthetic_images::procedural_scene(i, 96, 64)
                     .save(&path)
                     .unwrap();
                 path

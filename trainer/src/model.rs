@@ -17,7 +17,7 @@ pub const ZERO_SHOT_PROMPTS: [&str; 2] = ["Good photo.", "Bad photo."];
 pub const CATEGORY_PRESETS: [&str; 3] = ["adjectives6", "adjectives8", "scores6"];
 
 /// Which model is built.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Variant {
     /// The paper's full model: `[image; text_1 … text_K]` → MLP → MOS, trained with MSE.

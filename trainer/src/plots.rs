@@ -6,10 +6,8 @@
 //! rendered and encoded in memory, written to a temporary file beside the target, then renamed.
 
 use std::error::Error as StdError;
-use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use agiqa_runtime::metrics::{Correlations, Logistic4};
@@ -411,50 +409,10 @@ fn render_png(
             path: path.to_owned(),
             source,
         })?;
-    write_atomically(path, &png)
-}
-
-/// Writes `bytes` to a temporary file in `path`'s folder, then renames it over `path`, so a
-/// crash never leaves a truncated PNG behind (the temporary file is removed on failure).
-///
-/// The temporary file is created by hand rather than with `tempfile`, whose 0600 mode would
-/// carry over to the PNG; this one gets the usual umask permissions.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), PlotError> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let io_error = |source| PlotError::Io {
+    agiqa_runtime::atomic_file::write_atomic(path, &png).map_err(|source| PlotError::Io {
         path: path.to_owned(),
         source,
-    };
-    let name = path.file_name().ok_or_else(|| {
-        io_error(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "the path names a folder, not a file",
-        ))
-    })?;
-    let folder = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    // Unique per process and call, so concurrent plots of the same file never share a temp file.
-    let tmp = folder.join(format!(
-        ".{}.{}-{}.tmp",
-        name.to_string_lossy(),
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .and_then(|mut file| {
-            file.write_all(bytes)?;
-            file.sync_all()
-        })
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written.map_err(io_error)
+    })
 }
 
 /// Registers DejaVu Sans (regular and bold) as plotters' `sans-serif` once per process.

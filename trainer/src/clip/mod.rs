@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod config;
 pub mod resnet;
+pub mod source;
 pub mod text;
 pub mod vision;
 
@@ -16,6 +17,7 @@ use tch::{Device, Tensor};
 
 pub use self::config::{Activation, ClipConfig, ResNetConfig, TextConfig, VisionConfig, VitConfig};
 use self::resnet::ModifiedResNet;
+pub use self::source::ClipSource;
 use self::text::TextTransformer;
 use self::vision::VisionTransformer;
 use crate::weights::hf::HfClipConfig;

@@ -12,7 +12,8 @@
 use std::collections::HashMap;
 
 use super::{DataError, Dataset, SplitPart};
-use crate::synthetic::SplitMix64;
+use crate::config::ProtocolConfig;
+use crate::synthetic_images::SplitMix64;
 
 /// The authors' AGIQA-3K split: `name,split` with `train`/`test`.
 pub const AGIQA3K_REFERENCE_SPLIT_CSV: &str =
@@ -296,6 +297,31 @@ pub fn repeated_splits(
             split
         })
         .collect()
+}
+
+/// The splits a protocol asks for.
+pub fn splits_for(
+    dataset: &Dataset,
+    protocol: &ProtocolConfig,
+    seed: u64,
+) -> Result<Vec<Split>, DataError> {
+    Ok(match protocol {
+        ProtocolConfig::Paper => vec![reference_split(dataset)?],
+        ProtocolConfig::Manifest => vec![manifest_split(dataset)?],
+        ProtocolConfig::Random {
+            train,
+            val,
+            test,
+            repeats,
+            grouped_by_prompt,
+        } => repeated_splits(
+            dataset,
+            *repeats,
+            (*train, *val, *test),
+            *grouped_by_prompt,
+            seed,
+        ),
+    })
 }
 
 #[cfg(test)]

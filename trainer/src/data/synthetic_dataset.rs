@@ -2,7 +2,7 @@
 //! distortions: for end-to-end runs and tests where the real images cannot be downloaded.
 //!
 //! Every image is one of [`REFERENCE_SCENES`] procedural scenes
-//! ([`crate::synthetic::procedural_scene`]), `size` wide and
+//! ([`crate::synthetic_images::procedural_scene`]), `size` wide and
 //! `size·3/4` high (not square, so resizing and cropping matter), with
 //! - a primary distortion of a uniformly drawn kind and severity `s1 ~ U[0, 1]`, and
 //! - with probability 1/2, a mild secondary distortion of another kind, `s2 ~ U[0, 0.3]`.
@@ -30,15 +30,16 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
+use agiqa_runtime::csv_line::csv_line;
 use image::RgbImage;
+use rayon::prelude::*;
 
 use super::aigciqa2023;
 use super::mat::{write_mat_file, MatVariable};
 use super::split::AGIQA3K_REFERENCE_SPLIT_CSV;
 use super::DataError;
-use crate::synthetic::{procedural_scene, Distortion, SplitMix64};
+use crate::synthetic_images::{procedural_scene, Distortion, SplitMix64};
 
 /// What to generate.
 #[derive(Clone, Debug)]
@@ -65,6 +66,27 @@ impl Default for SynthOptions {
 
 /// The distortion kinds, in the order they are drawn.
 pub const KINDS: [&str; 4] = ["blur", "noise", "jpeg", "colour"];
+
+/// The distortion kinds named in `names` (all of [`KINDS`] when empty), or an error naming the
+/// unknown one.
+pub fn parse_kinds(names: &[String]) -> Result<Vec<&'static str>, DataError> {
+    if names.is_empty() {
+        return Ok(KINDS.to_vec());
+    }
+    names
+        .iter()
+        .map(|k| {
+            KINDS
+                .iter()
+                .find(|known| **known == k.trim())
+                .copied()
+                .ok_or_else(|| DataError::Spec {
+                    spec: k.clone(),
+                    reason: format!("unknown distortion kind; one of {}", KINDS.join(", ")),
+                })
+        })
+        .collect()
+}
 
 /// Distinct clean scenes. Like the classic IQA databases (a few reference images, each under
 /// many distortions), every scene appears many times, so the quality signal is the distortion,
@@ -247,43 +269,13 @@ fn write_text(path: &Path, text: &str) -> Result<(), DataError> {
     std::fs::write(path, text).map_err(|e| write_err(path, e))
 }
 
-/// Runs `job(index)` for every index on all cores (each worker claims the next index) and returns
-/// the results in index order; the first error wins.
+/// Runs `job(index)` for every index on the trainer's worker pool ([`crate::workers`]) and
+/// returns the results in index order; the first error wins.
 fn parallel<T: Send>(
     n: usize,
-    job: impl Fn(usize) -> Result<T, DataError> + Sync,
+    job: impl Fn(usize) -> Result<T, DataError> + Sync + Send,
 ) -> Result<Vec<T>, DataError> {
-    let workers = std::thread::available_parallelism()
-        .map(|w| w.get())
-        .unwrap_or(1)
-        .min(n.max(1));
-    let next = AtomicUsize::new(0);
-    let mut results: Vec<(usize, Result<T, DataError>)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..workers)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut done = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= n {
-                            break;
-                        }
-                        done.push((i, job(i)));
-                    }
-                    done
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| match h.join() {
-                Ok(done) => done,
-                Err(panic) => std::panic::resume_unwind(panic),
-            })
-            .collect()
-    });
-    results.sort_by_key(|r| r.0);
-    results.into_iter().map(|r| r.1).collect()
+    (0..n).into_par_iter().map(job).collect()
 }
 
 fn image_size(options: &SynthOptions) -> (u32, u32) {
@@ -298,14 +290,6 @@ fn real_agiqa3k_names() -> Vec<&'static str> {
         .skip(1)
         .filter_map(|l| l.split(',').next())
         .collect()
-}
-
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
 }
 
 /// Writes an AGIQA-3K-like dataset into `dir`: `data.csv` with the real columns and JPEG images
@@ -357,15 +341,17 @@ pub fn write_agiqa3k_like(dir: &Path, options: &SynthOptions) -> Result<SynthSum
         String::from("name,prompt,adj1,adj2,style,mos_quality,std_quality,mos_align,std_align\n");
     for (i, r) in records.iter().enumerate() {
         let (text, style) = prompt(i % prompts);
-        let _ = writeln!(
-            csv,
-            "{},{},,,{} style,{:.9},0.1,{:.9},0.1",
-            r.name,
-            csv_field(&text),
-            style,
-            r.mos_of("quality").unwrap_or(0.0),
-            r.mos_of("alignment").unwrap_or(0.0)
-        );
+        csv.push_str(&csv_line([
+            r.name.clone(),
+            text,
+            String::new(),
+            String::new(),
+            format!("{style} style"),
+            format!("{:.9}", r.mos_of("quality").unwrap_or(0.0)),
+            "0.1".into(),
+            format!("{:.9}", r.mos_of("alignment").unwrap_or(0.0)),
+            "0.1".into(),
+        ]));
     }
     write_text(&dir.join("data.csv"), &csv)?;
     write_ground_truth(dir, &records)?;
@@ -464,7 +450,8 @@ fn write_ground_truth(dir: &Path, records: &[SynthRecord]) -> Result<(), DataErr
     }
     csv.push('\n');
     for r in records {
-        csv.push_str(&csv_field(&r.name));
+        let name = csv_line([&r.name]);
+        csv.push_str(name.strip_suffix('\n').unwrap_or(&name));
         for k in 0..2 {
             match r.distortions.get(k) {
                 Some(&(kind, s)) => {
@@ -494,7 +481,7 @@ fn readme(format: &str, options: &SynthOptions, width: u32, height: u32) -> Stri
         "MOS = clip(25 + 50 * (1 - d)^1.2 + N(0, 2^2), 0, 100)   (dimensions: quality, authenticity, correspondence)"
     };
     format!(
-        "SYNTHETIC {format}-like dataset written by agiqa_trainer::data::synthetic (not real data).\n\
+        "SYNTHETIC {format}-like dataset written by agiqa_trainer::data::synthetic_dataset (not real data).\n\
          images: {images}, {width}x{height} px, seed {seed}\n\
          \n\
          Each image is a procedural scene with a primary distortion (kind uniform over blur, noise,\n\

@@ -1,6 +1,8 @@
 //! Procedurally generated images with controlled distortions: data with a known quality
 //! ordering, for demos and tests where no real dataset can be downloaded.
 
+use std::path::Path;
+
 use image::{imageops, Rgb, RgbImage};
 
 /// Small deterministic generator (SplitMix64): the same seed gives the same images everywhere.
@@ -154,6 +156,57 @@ pub fn mean_abs_difference(a: &RgbImage, b: &RgbImage) -> f64 {
         .map(|(x, y)| u64::from(x.abs_diff(*y)))
         .sum();
     total as f64 / a.as_raw().len().max(1) as f64
+}
+
+/// Writes, for each of `scenes` procedural scenes of `size × size·3/4`, the clean image and two
+/// levels of each distortion kind (`scene{s}_{kind}{level}.png`, `scene{s}_clean.png`) into
+/// `out`. Returns the number of images written.
+pub fn write_distortion_ladders(out: &Path, scenes: u64, size: u32) -> std::io::Result<usize> {
+    let ladders = [
+        [
+            Distortion::Blur(0.0),
+            Distortion::Blur(1.5),
+            Distortion::Blur(4.0),
+        ],
+        [
+            Distortion::Noise(0.0),
+            Distortion::Noise(15.0),
+            Distortion::Noise(45.0),
+        ],
+        [
+            Distortion::Jpeg(95),
+            Distortion::Jpeg(30),
+            Distortion::Jpeg(5),
+        ],
+        [
+            Distortion::ColourShift(0.0),
+            Distortion::ColourShift(30.0),
+            Distortion::ColourShift(80.0),
+        ],
+    ];
+    std::fs::create_dir_all(out)?;
+    let save = |image: &RgbImage, name: String| {
+        let path = out.join(name);
+        image
+            .save(&path)
+            .map_err(|e| std::io::Error::other(format!("cannot write {}: {e}", path.display())))
+    };
+    let mut written = 0;
+    for scene in 0..scenes {
+        let clean = procedural_scene(scene, size, size * 3 / 4);
+        for ladder in &ladders {
+            for (level, distortion) in ladder.iter().enumerate().skip(1) {
+                save(
+                    &distortion.apply(&clean, scene),
+                    format!("scene{scene}_{}{level}.png", distortion.kind()),
+                )?;
+                written += 1;
+            }
+        }
+        save(&clean, format!("scene{scene}_clean.png"))?;
+        written += 1;
+    }
+    Ok(written)
 }
 
 #[cfg(test)]

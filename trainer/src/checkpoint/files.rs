@@ -1,9 +1,10 @@
-//! Checkpoints: a safetensors file of tensors plus a JSON file describing them, both written
-//! atomically (temporary file, fsync, rename). The JSON records the SHA-256 of the tensors
+//! A checkpoint on disk: a safetensors file of tensors plus a JSON file describing them, both
+//! written atomically (temporary file, fsync, rename). The JSON records the SHA-256 of the tensors
 //! file, so a pair that does not belong together is refused instead of silently mixed.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
+
+use agiqa_runtime::atomic_file::{temporary_sibling, write_atomic};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -37,26 +38,6 @@ pub enum CheckpointError {
     },
 }
 
-/// Writes `bytes` to `path` so that readers see either the old file or the whole new one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
-}
-
 /// The envelope written beside the tensors.
 #[derive(Serialize, Deserialize)]
 struct Envelope<M> {
@@ -68,7 +49,7 @@ struct Envelope<M> {
 
 /// Paths of the two files of checkpoint `stem` (e.g. `run/best` → `run/best.safetensors`,
 /// `run/best.json`). A path given with either extension names the same checkpoint.
-pub fn paths(stem: &Path) -> (PathBuf, PathBuf) {
+pub(crate) fn paths(stem: &Path) -> (PathBuf, PathBuf) {
     let stem = match stem.extension().and_then(|e| e.to_str()) {
         Some("safetensors" | "json") => stem.with_extension(""),
         _ => stem.to_path_buf(),
@@ -82,7 +63,7 @@ pub fn paths(stem: &Path) -> (PathBuf, PathBuf) {
 }
 
 /// Saves `tensors` and `meta` as checkpoint `stem`. The JSON is written last: it is the commit.
-pub fn save<M: Serialize>(
+pub(crate) fn save<M: Serialize>(
     stem: &Path,
     tensors: &[(String, Tensor)],
     meta: &M,
@@ -98,14 +79,7 @@ pub fn save<M: Serialize>(
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(write_err(dir))?;
     // tch writes to a path; write beside the target and read back for the atomic rename + hash.
-    let tmp = dir.join(format!(
-        ".{}.staging-{}",
-        tensor_path
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy(),
-        std::process::id()
-    ));
+    let tmp = temporary_sibling(&tensor_path).map_err(write_err(&tensor_path))?;
     let cpu: Vec<(String, Tensor)> = tensors
         .iter()
         .map(|(n, t)| {
@@ -115,12 +89,14 @@ pub fn save<M: Serialize>(
             )
         })
         .collect();
-    Tensor::write_safetensors(&cpu, &tmp).map_err(|e| CheckpointError::Tensors {
-        path: tensor_path.clone(),
-        reason: e.to_string(),
-    })?;
-    let bytes = std::fs::read(&tmp).map_err(write_err(&tmp))?;
+    let written = Tensor::write_safetensors(&cpu, &tmp)
+        .map_err(|e| CheckpointError::Tensors {
+            path: tensor_path.clone(),
+            reason: e.to_string(),
+        })
+        .and_then(|()| std::fs::read(&tmp).map_err(write_err(&tmp)));
     std::fs::remove_file(&tmp).ok();
+    let bytes = written?;
     write_atomic(&tensor_path, &bytes).map_err(write_err(&tensor_path))?;
     let envelope = Envelope {
         tensors_sha256: sha256_hex(&bytes),
@@ -131,6 +107,11 @@ pub fn save<M: Serialize>(
         reason: e.to_string(),
     })?;
     write_atomic(&json_path, &json).map_err(write_err(&json_path))
+}
+
+/// Reads only the description of checkpoint `stem`.
+pub(crate) fn read_description<M: DeserializeOwned>(stem: &Path) -> Result<M, CheckpointError> {
+    Ok(read_envelope(&paths(stem).1)?.meta)
 }
 
 fn read_envelope<M: DeserializeOwned>(json_path: &Path) -> Result<Envelope<M>, CheckpointError> {
@@ -146,7 +127,7 @@ fn read_envelope<M: DeserializeOwned>(json_path: &Path) -> Result<Envelope<M>, C
 
 /// Loads checkpoint `stem`: its tensors (CPU) and description, after checking they belong
 /// together.
-pub fn load<M: DeserializeOwned>(
+pub(crate) fn load<M: DeserializeOwned>(
     stem: &Path,
 ) -> Result<(Vec<(String, Tensor)>, M), CheckpointError> {
     let (tensor_path, json_path) = paths(stem);
