@@ -137,6 +137,19 @@ fn training_learns_synthetic_quality_and_the_checkpoint_scores_images() {
     // The checkpoint reloads (rebuilding the random CLIP from its recorded source) and scores.
     let loaded = load_checkpoint(&run.join("best"), None, tokenizer(), Device::Cpu).unwrap();
     let report = evaluate_dataset(&loaded, &data, None).unwrap();
+    // A whole-set number on the training dataset says so in the table and the JSON.
+    assert!(report
+        .covered
+        .contains("includes the images this checkpoint was trained on"));
+    assert!(
+        report.to_string().contains("images scored: all"),
+        "{report}"
+    );
+    let written = scratch("eval-out");
+    let (json, _) = agiqa_trainer::evaluate::write_eval_outputs(&report, &written).unwrap();
+    assert!(std::fs::read_to_string(json)
+        .unwrap()
+        .contains("\"covered\""));
     assert!(
         report.metrics.srcc > 0.8,
         "whole-set SRCC {}",

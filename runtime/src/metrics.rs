@@ -13,7 +13,8 @@ pub enum MetricsError {
     LengthMismatch { predictions: usize, mos: usize },
     #[error("need at least 3 samples, got {0}")]
     TooFew(usize),
-    #[error("{which} value {index} is not finite ({value})")]
+    /// `index` is 0-based; the message names the 1-based row.
+    #[error("the {which} of row {} is not finite ({value}); metrics need finite scores", .index + 1)]
     NotFinite {
         which: &'static str,
         index: usize,

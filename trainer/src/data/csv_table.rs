@@ -49,16 +49,23 @@ pub(crate) fn parse_csv(text: &str, path: &Path, comments: bool) -> Result<CsvTa
         .comment(comments.then_some(b'#'))
         .from_reader(text.as_bytes());
     let mut records: Vec<(usize, Vec<String>)> = Vec::new();
-    let mut last_start = 0;
+    let (mut last_start, mut line) = (0, 1);
     for record in reader.records() {
         let record = record.map_err(|e| DataError::Malformed {
             path: path.to_path_buf(),
-            line: e.position().map_or(0, |p| p.line() as usize),
+            line: e.position().map_or(0, |p| line_at(text, p.byte() as usize)),
             reason: e.to_string(),
         })?;
-        let (line, byte) = record
+        let byte = record
             .position()
-            .map_or((0, 0), |p| (p.line() as usize, p.byte() as usize));
+            .map_or(0, |p| p.byte() as usize)
+            .min(text.len());
+        // Counted on from the previous record: the csv crate's own line count lags behind
+        // blank lines and quoted line breaks.
+        line += text.as_bytes()[last_start..byte]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count();
         last_start = byte;
         let fields: Vec<String> = record.iter().map(str::to_string).collect();
         if fields.len() == 1 && fields[0].trim().is_empty() {
@@ -71,7 +78,7 @@ pub(crate) fn parse_csv(text: &str, path: &Path, comments: bool) -> Result<CsvTa
     if text[last_start.min(text.len())..].matches('"').count() % 2 == 1 {
         return Err(DataError::Malformed {
             path: path.to_path_buf(),
-            line: records.last().map_or(1, |r| r.0),
+            line,
             reason: "unterminated quoted field".to_string(),
         });
     }
@@ -85,6 +92,15 @@ pub(crate) fn parse_csv(text: &str, path: &Path, comments: bool) -> Result<CsvTa
         header: header.into_iter().map(|h| h.trim().to_string()).collect(),
         records,
     })
+}
+
+/// The 1-based line of byte offset `byte` of `text`.
+fn line_at(text: &str, byte: usize) -> usize {
+    let byte = byte.min(text.len());
+    1 + text.as_bytes()[..byte]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
 }
 
 #[cfg(test)]
