@@ -82,7 +82,11 @@ mod tests {
         let target = dir.path().join("occupied");
         std::fs::create_dir_all(target.join("child")).unwrap();
         assert!(write_atomic(&target, b"data").is_err());
-        assert!(leftovers(dir.path()).is_empty(), "{:?}", leftovers(dir.path()));
+        assert!(
+            leftovers(dir.path()).is_empty(),
+            "{:?}",
+            leftovers(dir.path())
+        );
     }
 
     #[test]
