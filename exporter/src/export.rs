@@ -31,9 +31,12 @@ pub const IR_VERSION: i64 = 8;
 /// Protobuf cannot hold a message over 2 GiB; we do not write external-data files.
 const PROTOBUF_LIMIT: usize = (1 << 31) - (1 << 20);
 
+/// What graph to build from the checkpoints.
 #[derive(Clone, Debug)]
 pub struct ExportOptions {
+    /// Image encoder precision (the head always runs in fp32).
     pub precision: Precision,
+    /// The graph's input: normalised float32 NCHW, or uint8 NHWC normalised in the graph.
     pub input: InputKind,
     /// Also output the L2-normalised image embeddings, `image_features` `[N, E]`.
     pub image_features: bool,
@@ -419,9 +422,11 @@ fn metadata(heads: &[HeadSource]) -> Result<ModelMetadata, ExportError> {
 /// Returns the bytes written, for callers that also need them (a Triton repository).
 pub fn write_model(path: &Path, proto: &ModelProto) -> Result<Vec<u8>, ExportError> {
     let bytes = proto.to_bytes();
-    agiqa_trainer::checkpoint::write_atomic(path, &bytes).map_err(|source| ExportError::Write {
-        path: path.to_path_buf(),
-        source,
+    agiqa_runtime::atomic_file::write_atomic(path, &bytes).map_err(|source| {
+        ExportError::Write {
+            path: path.to_path_buf(),
+            source,
+        }
     })?;
     Ok(bytes)
 }
