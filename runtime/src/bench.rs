@@ -145,9 +145,13 @@ pub enum BenchError {
 #[derive(Debug, Serialize)]
 #[serde(untagged)]
 pub enum ProviderBench {
+    /// The provider loaded and was measured.
     Measured(BenchReport),
+    /// The provider could not be measured (it did not load, or a run failed).
     Failed {
+        /// The provider asked for.
         provider: ExecutionProvider,
+        /// Why.
         #[serde(serialize_with = "serialize_error_chain")]
         error: BenchError,
     },

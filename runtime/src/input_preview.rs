@@ -10,6 +10,7 @@ use crate::preprocess::{
 /// One image's preview: its original size and the PNG written, or why it could not be made.
 #[derive(Debug)]
 pub struct InputPreview {
+    /// The image file given.
     pub image: PathBuf,
     /// `((width, height) of the decoded image, <out_dir>/<stem>.input.png)`.
     pub result: Result<((u32, u32), PathBuf), PreprocessError>,

@@ -19,7 +19,12 @@ pub enum ResultsOut {
     Stdout,
     /// A file; with `resume`, images it already records are skipped and new lines appended,
     /// otherwise it is replaced.
-    File { path: PathBuf, resume: bool },
+    File {
+        /// The result file.
+        path: PathBuf,
+        /// Keep the lines already there and score only the images they do not record.
+        resume: bool,
+    },
 }
 
 /// One scoring run over image files.
@@ -32,7 +37,9 @@ pub struct ScoreFilesOptions {
     pub scorer: ScorerOptions,
     /// Image files, in order (see [`crate::batch_io::collect_inputs`]).
     pub paths: Vec<PathBuf>,
+    /// Where the result lines go.
     pub out: ResultsOut,
+    /// JSONL or CSV (see [`OutputFormat::for_path`]).
     pub format: OutputFormat,
     /// Decode/preprocess threads (`None`: every core).
     pub workers: Option<usize>,
