@@ -29,9 +29,12 @@ pub const IR_VERSION: i64 = 8;
 /// Protobuf cannot hold a message over 2 GiB; we do not write external-data files.
 const PROTOBUF_LIMIT: usize = (1 << 31) - (1 << 20);
 
+/// What graph to build from the checkpoints.
 #[derive(Clone, Debug)]
 pub struct ExportOptions {
+    /// Image encoder precision (the head always runs in fp32).
     pub precision: Precision,
+    /// The graph's input: normalised float32 NCHW, or uint8 NHWC normalised in the graph.
     pub input: InputKind,
     /// Also output the L2-normalised image embeddings, `image_features` `[N, E]`.
     pub image_features: bool,
@@ -73,7 +76,10 @@ impl ExportedModel {
 
 /// SHA-256 of a checkpoint's tensors file (`<stem>.safetensors`).
 fn checkpoint_sha256(stem: &Path) -> Result<String, ExportError> {
-    Ok(agiqa_trainer::checkpoint::tensors_sha256(stem)?)
+    agiqa_trainer::checkpoint::tensors_sha256(stem).map_err(|source| ExportError::Checkpoint {
+        path: stem.to_path_buf(),
+        source,
+    })
 }
 
 /// Checks that checkpoint `b` can share checkpoint `a`'s image encoder: the same CLIP weights

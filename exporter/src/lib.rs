@@ -8,7 +8,8 @@
 //! - [`fold`]: freezing the prompts and folding them into the head;
 //! - [`export`]: assembling the graph and its metadata, writing it atomically;
 //! - [`verify`]: ONNX Runtime against the trainer's forward;
-//! - [`triton`]: Triton Inference Server model repositories.
+//! - [`triton`]: Triton Inference Server model repositories;
+//! - [`run`]: one whole export as `agiqa-export` runs it (checks, verification, Triton, report).
 
 use std::path::PathBuf;
 
@@ -16,12 +17,14 @@ pub mod export;
 pub mod fold;
 pub mod graph;
 pub mod onnx_proto;
+pub mod run;
 pub mod triton;
 pub mod verify;
 pub mod vision;
 
 pub use export::{build_model, write_model, ExportOptions, ExportedModel, HeadSource, InputKind};
 pub use graph::Precision;
+pub use run::{export_checkpoints, CheckpointExport, ExportReport, NamedCheckpoint, TritonEntry};
 
 /// Names that become graph value names, output columns or folder names: non-empty ASCII
 /// letters, digits, `_` and `-`.
@@ -64,10 +67,30 @@ pub enum ExportError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot read checkpoint {path}")]
+    Checkpoint {
+        path: PathBuf,
+        #[source]
+        source: agiqa_trainer::checkpoint::CheckpointError,
+    },
+    #[error("cannot load checkpoint {path}")]
+    LoadCheckpoint {
+        path: PathBuf,
+        #[source]
+        source: agiqa_trainer::TrainError,
+    },
+    #[error("cannot load CLIP weights {path}")]
+    ClipWeights {
+        path: PathBuf,
+        #[source]
+        source: agiqa_trainer::weights::WeightsError,
+    },
+    #[error(transparent)]
+    Tokenizer(#[from] agiqa_trainer::tokenizer::TokenizerError),
+    #[error("verification could not run")]
+    Verify(#[source] Box<ExportError>),
     #[error(transparent)]
     Train(#[from] agiqa_trainer::TrainError),
-    #[error(transparent)]
-    Checkpoint(#[from] agiqa_trainer::checkpoint::CheckpointError),
     #[error(transparent)]
     OrtLibrary(#[from] agiqa_runtime::onnxruntime::OrtLibraryError),
     #[error("ONNX Runtime: {0}")]

@@ -1,12 +1,13 @@
-//! The part of ONNX's protobuf schema (`onnx/onnx.proto`, IR version 9) this exporter writes,
-//! as `prost` messages.
+//! The part of ONNX's protobuf schema (`onnx/onnx.proto`) this exporter writes, as `prost`
+//! messages. Every field here exists in IR version 8, the version our graphs declare
+//! ([`crate::export::IR_VERSION`], with opset 17).
 //!
 //! Why hand-declared `prost` messages rather than `prost-build` or an `onnx` crate: code
 //! generation needs `protoc` at build time (not installed on our machines, and a vendored
 //! binary is another 10 MB download per build), and the published ONNX crates are either
-//! unmaintained or bring a second protobuf runtime. An exporter needs eleven messages; their
-//! field numbers below are copied from `onnx.proto` and checked by the official ONNX checker
-//! in the tests (`tests/export.rs`), which parses every graph we write.
+//! unmaintained or bring a second protobuf runtime. An exporter needs twelve messages (two
+//! of them nested); their field numbers below are copied from `onnx.proto` and checked by the
+//! official ONNX checker in the tests (`tests/export.rs`), which parses every graph we write.
 
 use prost::Message;
 

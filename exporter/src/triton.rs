@@ -6,6 +6,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use agiqa_runtime::atomic_file::temporary_sibling;
 use agiqa_runtime::metadata::{
     INPUT_PIXELS_UINT8, INPUT_PIXEL_VALUES, OUTPUT_SCORE, OUTPUT_SCORES,
 };
@@ -17,10 +18,13 @@ use crate::ExportError;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum InstanceKind {
+    /// `KIND_GPU`.
     Gpu,
+    /// `KIND_CPU`.
     Cpu,
 }
 
+/// One Triton model repository entry's `config.pbtxt` settings.
 #[derive(Clone, Debug)]
 pub struct TritonOptions {
     /// Model name in the repository (a folder name).
@@ -31,7 +35,9 @@ pub struct TritonOptions {
     pub preferred_batch_sizes: Vec<u32>,
     /// How long a request may wait for others to join its batch.
     pub max_queue_delay_us: u64,
+    /// Model instances run side by side.
     pub instances: u32,
+    /// Where the instances run.
     pub kind: InstanceKind,
     /// Let ONNX Runtime hand the graph to TensorRT (GPU instances only).
     pub tensorrt: bool,
@@ -153,8 +159,9 @@ pub fn config_pbtxt(
 }
 
 /// Writes `<repo>/<name>/1/model.onnx` and `<repo>/<name>/config.pbtxt`. The model folder is
-/// assembled beside its final place and renamed into it, so a failure leaves no half-written
-/// repository entry; an existing entry of the same name is replaced.
+/// assembled in a staging folder beside its final place and renamed into it, so a failure
+/// leaves no half-written repository entry (and no staging folder); an existing entry of the
+/// same name is replaced.
 pub fn write_repository(
     repo: &Path,
     options: &TritonOptions,
@@ -168,7 +175,9 @@ pub fn write_repository(
     };
     std::fs::create_dir_all(repo).map_err(write_err(repo))?;
     let target = repo.join(&options.name);
-    let staging = repo.join(format!(".{}.tmp-{}", options.name, std::process::id()));
+    // Unique per call (process id and counter): concurrent exports never share a staging
+    // folder. One of that name can only be a crashed process's leftover.
+    let staging = temporary_sibling(&target).map_err(write_err(&target))?;
     let _ = std::fs::remove_dir_all(&staging);
     let result = (|| {
         let version = staging.join("1");
@@ -186,4 +195,29 @@ pub fn write_repository(
         let _ = std::fs::remove_dir_all(&staging);
     }
     result.map(|()| target)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_failed_write_leaves_no_staging_folder() {
+        let repo = tempfile::tempdir().unwrap();
+        let options = TritonOptions::default();
+        // A file where the entry's folder goes: replacing it fails after staging is written.
+        std::fs::write(repo.path().join(&options.name), b"in the way").unwrap();
+        let err = write_repository(repo.path(), &options, b"onnx", "config").unwrap_err();
+        assert!(matches!(err, ExportError::Write { .. }), "{err}");
+        assert_eq!(entries(repo.path()), std::slice::from_ref(&options.name));
+    }
 }

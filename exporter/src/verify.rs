@@ -26,8 +26,11 @@ pub const FP16_MAX_REL: f64 = 2e-2;
 /// How many inputs of each kind to compare.
 #[derive(Clone, Debug)]
 pub struct VerifyOptions {
+    /// Random input tensors compared in one batch (at least 1).
     pub batch: usize,
+    /// Synthetic images compared through the shared preprocessing (0: none).
     pub synthetic_images: usize,
+    /// Seed of the random tensors and synthetic scenes.
     pub seed: u64,
     /// `libonnxruntime.so` to use (default: the runtime's search order).
     pub ort_lib: Option<std::path::PathBuf>,
@@ -53,8 +56,10 @@ pub struct VerifyCase {
     pub max_rel: f64,
 }
 
+/// Every comparison of one verification, and whether the graph passed.
 #[derive(Clone, Debug, Serialize)]
 pub struct VerifyReport {
+    /// The graph's precision, which sets the criterion.
     pub precision: Precision,
     pub cases: Vec<VerifyCase>,
     /// The criterion: `max_abs ≤ 1e-4` (fp32) or `max_rel ≤ 2e-2` (fp16, relative to the

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
+use crate::csv_line::csv_line;
+
 /// File extensions taken from folders (files named explicitly are always taken).
 pub const IMAGE_EXTENSIONS: &[&str] = &[
     "jpg", "jpeg", "jpe", "png", "gif", "webp", "bmp", "tif", "tiff",
@@ -142,10 +144,10 @@ impl<W: Write> ResultWriter<W> {
     ) -> io::Result<Self> {
         let heads: Vec<String> = heads.iter().map(|h| h.to_string()).collect();
         if format == OutputFormat::Csv && write_header {
-            let mut row = vec!["path".to_string()];
-            row.extend(heads.iter().cloned());
-            row.push("error".into());
-            writeln!(out, "{}", csv_row(&row))?;
+            let row = std::iter::once("path")
+                .chain(heads.iter().map(String::as_str))
+                .chain(["error"]);
+            out.write_all(csv_line(row).as_bytes())?;
             out.flush()?;
         }
         Ok(ResultWriter { out, format, heads })
@@ -182,25 +184,11 @@ impl<W: Write> ResultWriter<W> {
                         row.push(e.to_string());
                     }
                 }
-                writeln!(self.out, "{}", csv_row(&row))?;
+                self.out.write_all(csv_line(&row).as_bytes())?;
             }
         }
         self.out.flush()
     }
-}
-
-fn csv_row(fields: &[String]) -> String {
-    fields
-        .iter()
-        .map(|f| {
-            if f.contains([',', '"', '\n', '\r']) {
-                format!("\"{}\"", f.replace('"', "\"\""))
-            } else {
-                f.clone()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 /// Paths already recorded in an existing result file (scored or failed), for `--resume`.
@@ -214,7 +202,7 @@ pub fn recorded_paths(path: &Path, format: OutputFormat) -> io::Result<HashSet<P
     };
     let mut text = String::new();
     file.read_to_string(&mut text)?;
-    let complete = text.rfind('\n').map_or(0, |i| i + 1);
+    let complete = complete_len(&text, format);
     if complete < text.len() {
         file.set_len(complete as u64)?;
         file.seek(SeekFrom::End(0))?;
@@ -233,11 +221,14 @@ pub fn recorded_paths(path: &Path, format: OutputFormat) -> io::Result<HashSet<P
             }
         }
         OutputFormat::Csv => {
-            for (i, row) in parse_csv(text).into_iter().enumerate() {
-                if i > 0 {
-                    if let Some(p) = row.into_iter().next() {
-                        done.insert(PathBuf::from(p));
-                    }
+            // The header row is skipped; `flexible` keeps a row of another head count readable.
+            let mut reader = csv::ReaderBuilder::new()
+                .has_headers(true)
+                .flexible(true)
+                .from_reader(text.as_bytes());
+            for record in reader.records() {
+                if let Some(p) = record?.get(0) {
+                    done.insert(PathBuf::from(p));
                 }
             }
         }
@@ -245,35 +236,25 @@ pub fn recorded_paths(path: &Path, format: OutputFormat) -> io::Result<HashSet<P
     Ok(done)
 }
 
-/// Minimal CSV reader for what [`ResultWriter`] writes (quoted fields, doubled quotes).
-fn parse_csv(text: &str) -> Vec<Vec<String>> {
-    let mut rows = Vec::new();
-    let (mut row, mut field) = (Vec::new(), String::new());
-    let mut chars = text.chars().peekable();
-    let mut quoted = false;
-    while let Some(c) = chars.next() {
-        match (quoted, c) {
-            (true, '"') if chars.peek() == Some(&'"') => {
-                field.push('"');
-                chars.next();
+/// Length of the complete lines of a result file. JSON escapes newlines inside strings, so a
+/// JSONL line ends at every `\n`; in CSV a `\n` inside a quoted field (an odd number of quotes
+/// before it) does not end the row.
+fn complete_len(text: &str, format: OutputFormat) -> usize {
+    match format {
+        OutputFormat::Jsonl => text.rfind('\n').map_or(0, |i| i + 1),
+        OutputFormat::Csv => {
+            let mut quoted = false;
+            let mut complete = 0;
+            for (i, b) in text.bytes().enumerate() {
+                match b {
+                    b'"' => quoted = !quoted,
+                    b'\n' if !quoted => complete = i + 1,
+                    _ => {}
+                }
             }
-            (true, '"') => quoted = false,
-            (true, c) => field.push(c),
-            (false, '"') => quoted = true,
-            (false, ',') => row.push(std::mem::take(&mut field)),
-            (false, '\n') => {
-                row.push(std::mem::take(&mut field));
-                rows.push(std::mem::take(&mut row));
-            }
-            (false, '\r') => {}
-            (false, c) => field.push(c),
+            complete
         }
     }
-    if !field.is_empty() || !row.is_empty() {
-        row.push(field);
-        rows.push(row);
-    }
-    rows
 }
 
 #[cfg(test)]
@@ -287,11 +268,47 @@ mod tests {
         w.write(Path::new("a,b \"c\".png"), Ok(&[1.5])).unwrap();
         w.write(Path::new("plain.jpg"), Err("corrupt, truncated"))
             .unwrap();
-        let text = String::from_utf8(buf).unwrap();
-        let rows = parse_csv(&text);
+        let rows: Vec<Vec<String>> = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .from_reader(buf.as_slice())
+            .records()
+            .map(|r| r.unwrap().iter().map(str::to_string).collect())
+            .collect();
         assert_eq!(rows[0], ["path", "quality", "error"]);
         assert_eq!(rows[1], ["a,b \"c\".png", "1.5", ""]);
         assert_eq!(rows[2], ["plain.jpg", "", "corrupt, truncated"]);
+    }
+
+    #[test]
+    fn csv_resume_reads_back_paths_with_carriage_returns_and_newlines() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("r.csv");
+        let awkward = [
+            Path::new("shot\r1.png"),
+            Path::new("two\r\nlines,\"q\".jpg"),
+            Path::new("plain.png"),
+        ];
+        let file = File::create(&out).unwrap();
+        let mut w =
+            ResultWriter::new(file, OutputFormat::Csv, &["quality", "alignment"], true).unwrap();
+        w.write(awkward[0], Ok(&[1.0, 2.0])).unwrap();
+        w.write(awkward[1], Err("bad\rpixels")).unwrap();
+        w.write(awkward[2], Ok(&[3.0, 4.0])).unwrap();
+        drop(w);
+        let done = recorded_paths(&out, OutputFormat::Csv).unwrap();
+        assert_eq!(done, awkward.iter().map(|p| p.to_path_buf()).collect());
+    }
+
+    #[test]
+    fn csv_resume_cuts_a_partial_row_even_inside_a_quoted_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("r.csv");
+        let whole = "path,quality,error\na.png,1.5,\n";
+        // A crash while writing `"b\nc.png",2.5,`: the last `\n` is inside the quotes.
+        std::fs::write(&out, format!("{whole}\"b\nc.p")).unwrap();
+        let done = recorded_paths(&out, OutputFormat::Csv).unwrap();
+        assert_eq!(done, HashSet::from([PathBuf::from("a.png")]));
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), whole);
     }
 
     #[test]

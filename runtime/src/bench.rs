@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::pipeline::{score_paths, PipelineOptions, PipelineStats};
-use crate::scorer::{InputKind, ScoreError, Scorer, TensorBatch};
+use crate::scorer::{ExecutionProvider, InputKind, ScoreError, Scorer, ScorerOptions, TensorBatch};
 
 /// What to measure.
 #[derive(Clone, Debug)]
@@ -107,6 +107,128 @@ pub fn run(
         model_only,
         end_to_end,
     })
+}
+
+/// `agiqa bench`: one model measured on each of several execution providers.
+#[derive(Clone, Debug)]
+pub struct ProviderBenchOptions {
+    /// Exported model (`.onnx` with agiqa metadata).
+    pub model: PathBuf,
+    /// Scorer options shared by every provider; `provider` is replaced by each of
+    /// `providers` in turn and `batch_size` is the end-to-end batch size.
+    pub scorer: ScorerOptions,
+    /// Providers to measure, in order (empty: `scorer.provider` alone).
+    pub providers: Vec<ExecutionProvider>,
+    pub bench: BenchOptions,
+}
+
+/// Why one provider could not be measured.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("cannot use model {model} on {provider}")]
+    Load {
+        model: PathBuf,
+        provider: ExecutionProvider,
+        #[source]
+        source: ScoreError,
+    },
+    #[error("benchmarking on {provider}")]
+    Run {
+        provider: ExecutionProvider,
+        #[source]
+        source: ScoreError,
+    },
+}
+
+/// One provider's outcome. In JSON a measured row is its [`BenchReport`] and a failed one
+/// `{"provider", "error"}`, the error with its causes joined by `": "`.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum ProviderBench {
+    /// The provider loaded and was measured.
+    Measured(BenchReport),
+    /// The provider could not be measured (it did not load, or a run failed).
+    Failed {
+        /// The provider asked for.
+        provider: ExecutionProvider,
+        /// Why.
+        #[serde(serialize_with = "serialize_error_chain")]
+        error: BenchError,
+    },
+}
+
+/// `error: cause: cause...`, as a string.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn serialize_error_chain<S: serde::Serializer>(
+    error: &BenchError,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&error_chain(error))
+}
+
+/// Measures every requested provider on its own, calling `on_row` as each finishes, and
+/// returns the rows in order. A provider that cannot load is a failed row, not the end of
+/// the run, so one missing GPU library does not hide the other providers' numbers.
+pub fn run_providers(
+    options: &ProviderBenchOptions,
+    mut on_row: impl FnMut(&ProviderBench),
+) -> Vec<ProviderBench> {
+    let providers = if options.providers.is_empty() {
+        vec![options.scorer.provider]
+    } else {
+        options.providers.clone()
+    };
+    let mut rows = Vec::with_capacity(providers.len());
+    for provider in providers {
+        let row = match run_provider(options, provider) {
+            Ok(report) => ProviderBench::Measured(report),
+            Err(error) => ProviderBench::Failed { provider, error },
+        };
+        on_row(&row);
+        rows.push(row);
+    }
+    rows
+}
+
+fn run_provider(
+    options: &ProviderBenchOptions,
+    provider: ExecutionProvider,
+) -> Result<BenchReport, BenchError> {
+    let load = |intra_op_spinning, batch_size| {
+        let scorer_options = ScorerOptions {
+            provider,
+            batch_size,
+            intra_op_spinning,
+            ..options.scorer.clone()
+        };
+        Scorer::load(&options.model, scorer_options).map_err(|source| BenchError::Load {
+            model: options.model.clone(),
+            provider,
+            source,
+        })
+    };
+    // Model-only runs as ONNX Runtime runs by default (spinning threads) and runs each batch
+    // size whole; end to end runs as `score` does, with the scorer's batch size, leaving the
+    // cores to the decoders between batches.
+    let largest = options.bench.batch_sizes.iter().copied().max().unwrap_or(1);
+    let scorer = load(true, largest.max(1))?;
+    let pipeline_scorer = if options.bench.images.is_empty() {
+        None
+    } else {
+        Some(load(false, options.scorer.batch_size)?)
+    };
+    run(&scorer, pipeline_scorer.as_ref(), &options.bench)
+        .map_err(|source| BenchError::Run { provider, source })
 }
 
 fn model_only_one(

@@ -8,6 +8,7 @@
 
 pub mod atomic_file;
 pub mod csv_line;
+pub mod input_preview;
 pub mod jpeg;
 pub mod metadata;
 pub mod metrics;
@@ -22,6 +23,8 @@ pub mod bench;
 pub mod onnxruntime;
 #[cfg(feature = "onnx")]
 pub mod pipeline;
+#[cfg(feature = "onnx")]
+pub mod score_files;
 #[cfg(feature = "onnx")]
 pub mod scorer;
 #[cfg(feature = "onnx")]

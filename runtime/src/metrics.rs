@@ -1,4 +1,5 @@
-//! IQA correlation metrics, shared by training (model selection, reports) and serving (bench).
+//! IQA correlation metrics, computed by training (model selection, reports, plots); the
+//! runtime only carries each head's results in the model metadata ([`crate::metadata::HeadInfo`]).
 //!
 //! PLCC is plain Pearson (as pyiqa and IPCE report it); the PLCC after the standard 4-parameter
 //! logistic mapping (VQEG) is reported beside it. SRCC uses average ranks for ties and KRCC is

@@ -1,0 +1,211 @@
+//! `agiqa`'s flags (clap derive); every flag's doc comment is its `--help` text.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use agiqa_runtime::batch_io::OutputFormat;
+use agiqa_runtime::preprocess::DecodeLimits;
+use agiqa_runtime::scorer::{ExecutionProvider, ScorerOptions};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "agiqa",
+    version,
+    about = "Score AI-generated images with an exported CLIP-AGIQA model (ONNX Runtime)."
+)]
+pub struct Cli {
+    /// Log at info level (model loading, provider choice, TensorRT engine builds).
+    #[arg(long, short, global = true)]
+    pub verbose: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Check that ONNX Runtime can be found and loaded, and print where it came from.
+    Doctor {
+        /// Path to libonnxruntime.so (default: ORT_DYLIB_PATH, beside this binary, .deps/lib).
+        #[arg(long, env = "ORT_DYLIB_PATH")]
+        ort_lib: Option<PathBuf>,
+    },
+    /// Run the shared preprocessing on images and write the model-input crops as PNG, to see
+    /// exactly what a model is given.
+    Preprocess(PreprocessArgs),
+    /// Score image files, folders (recursively), glob patterns or list files; one result line
+    /// per image, written and flushed as it arrives. Exits non-zero if any image failed.
+    Score(ScoreArgs),
+    /// Serve scores over HTTP: POST /v1/score, GET /health, GET /metrics.
+    Serve(ServeArgs),
+    /// Measure model-only throughput and latency per batch size on synthetic tensors, and
+    /// end-to-end throughput from image files.
+    Bench(BenchArgs),
+}
+
+/// The model and how it runs (shared by `score`, `serve` and `bench`).
+#[derive(Args)]
+pub struct ModelArgs {
+    /// Exported model (`.onnx` with agiqa metadata).
+    #[arg(long, short)]
+    pub model: PathBuf,
+    /// Execution provider: cpu, cuda, tensorrt, or auto (TensorRT, then CUDA, then CPU).
+    #[arg(long, env = "AGIQA_PROVIDER", default_value = "auto")]
+    pub provider: ExecutionProvider,
+    /// ONNX Runtime intra-op threads (default: every core).
+    #[arg(long, env = "AGIQA_THREADS")]
+    pub threads: Option<usize>,
+    /// Most images per inference batch.
+    #[arg(long, env = "AGIQA_BATCH_SIZE", default_value_t = 16)]
+    pub batch_size: usize,
+    /// GPU ordinal for CUDA and TensorRT.
+    #[arg(long, default_value_t = 0)]
+    pub device_id: i32,
+    /// TensorRT: build fp16 engines (LayerNorm stays fp32).
+    #[arg(long)]
+    pub trt_fp16: bool,
+    /// TensorRT: engine and timing cache folder (skips rebuilding engines on later starts).
+    #[arg(long)]
+    pub trt_cache: Option<PathBuf>,
+    /// Independent inference sessions (weights shared); more lets requests run in parallel.
+    #[arg(long, default_value_t = 1)]
+    pub sessions: usize,
+    /// Largest accepted image width or height, in pixels.
+    #[arg(long, default_value_t = DecodeLimits::default().max_side)]
+    pub max_side: u32,
+    /// Largest accepted image area, in pixels.
+    #[arg(long, default_value_t = DecodeLimits::default().max_pixels)]
+    pub max_pixels: u64,
+    /// Path to libonnxruntime.so (default: ORT_DYLIB_PATH, beside this binary, .deps/lib).
+    #[arg(long)]
+    pub ort_lib: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    /// The scorer these flags ask for (spinning ONNX Runtime threads, as ONNX Runtime runs by
+    /// default; `score` and end-to-end `bench` turn spinning off).
+    pub fn options(&self) -> ScorerOptions {
+        ScorerOptions {
+            provider: self.provider,
+            threads: self.threads,
+            batch_size: self.batch_size,
+            device_id: self.device_id,
+            tensorrt_fp16: self.trt_fp16,
+            tensorrt_cache_dir: self.trt_cache.clone(),
+            sessions: self.sessions,
+            intra_op_spinning: true,
+            decode_limits: DecodeLimits {
+                max_side: self.max_side,
+                max_pixels: self.max_pixels,
+            },
+            ort_lib: self.ort_lib.clone(),
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct PreprocessArgs {
+    /// Images to preprocess.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    /// Folder for `<stem>.input.png` files.
+    #[arg(long, default_value = ".")]
+    pub out_dir: PathBuf,
+    /// Side of the square model input.
+    #[arg(long, default_value_t = 224)]
+    pub image_size: u32,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum FormatArg {
+    /// One JSON object a line: `{"path", "scores": {head: score}}` or `{"path", "error"}`.
+    Jsonl,
+    /// `path,<head>...,error` with a header row.
+    Csv,
+}
+
+#[derive(Args)]
+pub struct ScoreArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Image files, folders, or quoted glob patterns (`'shots/**/*.png'`).
+    pub inputs: Vec<String>,
+    /// File listing one image path per line (repeatable).
+    #[arg(long)]
+    pub list: Vec<PathBuf>,
+    /// Result file (default: standard output).
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
+    /// Result format (default: from the --out extension, .csv or else JSONL).
+    #[arg(long)]
+    pub format: Option<FormatArg>,
+    /// Skip images already recorded in --out and append to it.
+    #[arg(long, requires = "out")]
+    pub resume: bool,
+    /// Decode/preprocess threads (default: every core).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl ScoreArgs {
+    /// --format, else from the --out extension, else JSONL.
+    pub fn output_format(&self) -> OutputFormat {
+        match (self.format, &self.out) {
+            (Some(FormatArg::Csv), _) => OutputFormat::Csv,
+            (Some(FormatArg::Jsonl), _) => OutputFormat::Jsonl,
+            (None, Some(path)) => OutputFormat::for_path(path),
+            (None, None) => OutputFormat::Jsonl,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on.
+    #[arg(long, env = "AGIQA_ADDR", default_value = "127.0.0.1:8080")]
+    pub addr: SocketAddr,
+    /// Longest an image waits for others to fill its batch, in milliseconds.
+    #[arg(long, default_value_t = 5)]
+    pub max_wait_ms: u64,
+    /// Images admitted at once (waiting or in inference); beyond it requests get 503.
+    #[arg(long, default_value_t = 256)]
+    pub queue: usize,
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long, default_value_t = 32 << 20)]
+    pub body_limit: usize,
+    /// Request timeout in seconds (504 beyond).
+    #[arg(long, default_value_t = 30.0)]
+    pub timeout: f64,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Batch sizes to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 8, 32])]
+    pub batch_sizes: Vec<usize>,
+    /// Seconds measured per batch size.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Untimed runs before each measurement.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Images (files, folders, globs) for the end-to-end measurement.
+    #[arg(long)]
+    pub images: Vec<String>,
+    /// Passes over the images end to end.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
+    /// Providers to measure, comma-separated (default: --provider).
+    #[arg(long, value_delimiter = ',')]
+    pub providers: Vec<ExecutionProvider>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
