@@ -3,7 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use agiqa_runtime::preprocess::{decode_image_file, DecodeLimits, Preprocessing, Preprocessor};
+use agiqa_runtime::preprocess::{
+    decode_image_file, resize_geometry, CropBox, DecodeLimits, Preprocessing, Preprocessor,
+};
+use image::RgbImage;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/preprocess")
@@ -88,4 +91,170 @@ fn normalised_tensor_matches_torchvision() {
     println!("normalised photo_q90: max |diff| = {max:.6}");
     // One 8-bit level divided by the smallest std.
     assert!(max <= 1.0 / 255.0 / 0.2613 + 1e-5, "max diff {max}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Geometry sweep: every size and aspect ratio in geometry.json, at 0 levels.
+
+#[derive(serde::Deserialize)]
+struct Geometry {
+    sweep: Vec<SweepCase>,
+    rrc: Vec<ViewCase>,
+}
+
+#[derive(serde::Deserialize)]
+struct SweepCase {
+    name: String,
+    width: u32,
+    height: u32,
+    cell: u32,
+    seed: u64,
+    input_sha256: String,
+    resized: [u32; 2],
+    expected: String,
+}
+
+#[derive(serde::Deserialize)]
+struct ViewCase {
+    name: String,
+    width: u32,
+    height: u32,
+    cell: u32,
+    seed: u64,
+    input_sha256: String,
+    #[serde(rename = "box")]
+    crop: [u32; 4],
+    flip: bool,
+    expected: String,
+}
+
+fn geometry() -> Geometry {
+    let text = std::fs::read_to_string(fixtures().join("geometry.json"))
+        .expect("tests/fixtures/preprocess/geometry.json (run scripts/make-fixtures)");
+    serde_json::from_str(&text).expect("geometry.json")
+}
+
+/// splitmix64's finaliser.
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// `sweep_image` of scripts/fixtures/make_fixtures.py: random colour blocks of `cell` pixels.
+fn sweep_image(width: u32, height: u32, cell: u32, seed: u64) -> RgbImage {
+    let base = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    RgbImage::from_fn(width, height, |x, y| {
+        let block = (u64::from(y / cell) << 32) | u64::from(x / cell);
+        let key = base.wrapping_add(block.wrapping_mul(4));
+        image::Rgb([0, 1, 2].map(|c| (mix64(key.wrapping_add(c)) >> 56) as u8))
+    })
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn expected_png(relative: &str) -> RgbImage {
+    image::open(fixtures().join(relative))
+        .unwrap_or_else(|e| panic!("{relative}: {e}"))
+        .to_rgb8()
+}
+
+/// Largest absolute difference and the share of differing samples.
+fn difference(ours: &RgbImage, expected: &RgbImage) -> (u8, f64) {
+    assert_eq!(ours.dimensions(), expected.dimensions());
+    let diffs: Vec<u8> = ours
+        .as_raw()
+        .iter()
+        .zip(expected.as_raw())
+        .map(|(a, b)| a.abs_diff(*b))
+        .collect();
+    let max = diffs.iter().copied().max().unwrap_or(0);
+    let share = diffs.iter().filter(|&&d| d > 0).count() as f64 / diffs.len() as f64;
+    (max, share)
+}
+
+/// Resize(224, BICUBIC) + CenterCrop(224) equals torchvision on PIL for every geometry: both
+/// orientations, 1:1 to 1:8, odd and prime sizes, upscaling, 1-pixel-wide images.
+#[test]
+fn geometry_sweep_is_identical_to_torchvision() {
+    let geometry = geometry();
+    assert!(geometry.sweep.len() >= 40, "{} cases", geometry.sweep.len());
+    let pre = Preprocessor::new(Preprocessing::default());
+    let mut failures = Vec::new();
+    for case in &geometry.sweep {
+        let input = sweep_image(case.width, case.height, case.cell, case.seed);
+        assert_eq!(
+            sha256_hex(input.as_raw()),
+            case.input_sha256,
+            "{}: the Rust and Python generators disagree",
+            case.name
+        );
+        let (resized, _) = resize_geometry(case.width, case.height, 224);
+        assert_eq!([resized.0, resized.1], case.resized, "{}", case.name);
+        let ours = pre.resize_and_crop(&input).unwrap();
+        let (max, share) = difference(&ours, &expected_png(&case.expected));
+        println!(
+            "{:<16} max |diff| = {max:>2}, differing = {:.2} %",
+            case.name,
+            100.0 * share
+        );
+        if max > 0 {
+            failures.push(format!(
+                "{}: max {max}, {:.2} % differ",
+                case.name,
+                100.0 * share
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "not identical to torchvision: {failures:?}"
+    );
+}
+
+/// The training view (crop, resize to 224×224, optional mirror) equals torchvision's
+/// `resized_crop` (+ `hflip`) on PIL images for given crop boxes.
+#[test]
+fn training_views_are_identical_to_torchvision_resized_crop() {
+    let geometry = geometry();
+    assert!(geometry.rrc.len() >= 10, "{} cases", geometry.rrc.len());
+    let pre = Preprocessor::new(Preprocessing::default());
+    let mut failures = Vec::new();
+    for case in &geometry.rrc {
+        let input = sweep_image(case.width, case.height, case.cell, case.seed);
+        assert_eq!(
+            sha256_hex(input.as_raw()),
+            case.input_sha256,
+            "{}",
+            case.name
+        );
+        let [left, top, width, height] = case.crop;
+        let crop = CropBox {
+            left,
+            top,
+            width,
+            height,
+            flip: case.flip,
+        };
+        let ours = pre.augmented_view(&input, &crop).unwrap();
+        let (max, share) = difference(&ours, &expected_png(&case.expected));
+        println!(
+            "{:<28} max |diff| = {max:>2}, differing = {:.2} %",
+            case.name,
+            100.0 * share
+        );
+        if max > 0 {
+            failures.push(format!("{}: max {max}", case.name));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "not identical to torchvision: {failures:?}"
+    );
 }
