@@ -10,7 +10,11 @@ use crate::metrics::Correlations;
 use crate::preprocess::Preprocessing;
 
 /// Version of this schema; bumped on any incompatible change.
-pub const METADATA_FORMAT_VERSION: u32 = 1;
+/// - 1: first release; images converted with alpha over white, EXIF applied, 16-bit rounded.
+/// - 2: [`Preprocessing`] records its conversion (`alpha`, `exif_orientation`, `sixteen_bit`),
+///   PIL's by default; format-1 metadata still reads as format 1's conversion. Readers ignore
+///   keys they do not know, so later fields can be added under this version.
+pub const METADATA_FORMAT_VERSION: u32 = 2;
 
 /// Prefix of every key this project writes into ONNX `metadata_props`.
 pub const METADATA_KEY_PREFIX: &str = "agiqa.";
@@ -242,5 +246,29 @@ mod tests {
             ModelMetadata::from_props(&props),
             Err(MetadataError::UnsupportedVersion { found: 99, .. })
         ));
+    }
+
+    #[test]
+    fn format_1_metadata_keeps_format_1_preprocessing() {
+        // Props as a format-1 exporter wrote them: no conversion fields in the preprocessing.
+        let mut props = sample().to_props();
+        props.insert("agiqa.format_version".into(), "1".into());
+        props.insert(
+            "agiqa.preprocessing".into(),
+            r#"{"image_size":224,"resize":"shorter_side","interpolation":"bicubic","crop":"center","mean":[0.48145467,0.4578275,0.40821072],"std":[0.26862955,0.2613026,0.2757771],"alpha_background":"white"}"#.into(),
+        );
+        let meta = ModelMetadata::from_props(&props).unwrap();
+        assert_eq!(meta.format_version, 1);
+        assert_eq!(
+            meta.preprocessing,
+            Preprocessing::default().with_format_1_conversion()
+        );
+        // What this version writes converts as PIL does, and keys added later are ignored.
+        let mut props = sample().to_props();
+        assert_eq!(props["agiqa.format_version"], "2");
+        props.insert("agiqa.quantization".into(), r#"{"weights":"int8"}"#.into());
+        let meta = ModelMetadata::from_props(&props).unwrap();
+        assert_eq!(meta.preprocessing, Preprocessing::default());
+        assert_eq!(meta, sample());
     }
 }

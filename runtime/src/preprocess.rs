@@ -5,13 +5,20 @@
 //! `ToTensor()` → `Normalize(CLIP mean, std)`. Both the trainer and the runtime call into this
 //! module, so the pixels a model was trained on and the pixels it is served can never drift.
 //!
-//! Conversion to RGB, stated once (PIL's `convert("RGB")` differs on some of these):
-//! - EXIF orientation is applied first (PIL does not do this by itself; phones rely on it);
-//! - alpha is composited over **white** (`c·a + 255·(1−a)`, rounded), not dropped;
-//! - 16-bit samples are scaled to 8 bits as `round(v / 257)` (PIL clips 16-bit grey to 255);
-//! - grey is replicated, palettes are expanded, CMYK/YCCK JPEGs convert as Pillow converts them;
-//! - JPEGs are decoded by libjpeg-turbo's code, as Pillow decodes them ([`crate::jpeg`]);
+//! Conversion to RGB is, by default, literally PIL's `Image.open(p).convert("RGB")`:
+//! - alpha is dropped (the colour stored under a transparent pixel shows), palette
+//!   transparency is ignored;
+//! - EXIF orientation is ignored (PIL's `open` + `convert` do not apply it);
+//! - 16-bit samples keep their high byte, as Pillow reads 16-bit RGB(A) PNGs. For 16-bit
+//!   greyscale (PIL mode `I;16`) PIL clips every value above 255 to white; that is the one
+//!   documented deviation: the high byte is kept there too;
+//! - grey is replicated, palettes are expanded, 1-bit is 0/255, CMYK/YCCK JPEGs convert as
+//!   Pillow converts them; JPEGs are decoded by libjpeg-turbo's code ([`crate::jpeg`]);
 //! - animated images contribute their first frame.
+//!
+//! Opt-ins, recorded in a model's [`Preprocessing`]: [`Alpha::OverWhite`] / [`Alpha::OverBlack`]
+//! and [`ExifOrientation::Apply`]. Models whose metadata predates these fields (format 1) decode
+//! as they always did: alpha over white, EXIF applied, 16-bit as `round(v / 257)`.
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -52,26 +59,62 @@ pub enum CropMode {
     Center,
 }
 
-/// Background that transparent pixels are composited over.
+/// Version of the pixel-producing implementation (decoders, conversion, resampler). Bumped
+/// whenever the same file and [`Preprocessing`] can give different pixels, so caches of
+/// preprocessed data or features (the trainer's) never mix old pixels with new ones.
+/// 2: Pillow 13's resampling pass order (tall images) and PIL's RGB conversion as the default.
+pub const PREPROCESSING_IMPL_VERSION: u32 = 2;
+
+/// What becomes of transparency when an image is converted to RGB.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum AlphaBackground {
+pub enum Alpha {
+    /// Dropped, as PIL's `convert("RGB")` drops it: the stored colour shows (the default).
+    Drop,
+    /// Composited over white, `round(c·a + 255·(1 − a))` in f32 (opt-in; format 1's rule).
+    OverWhite,
+    /// Composited over black, `round(c·a)` in f32 (opt-in).
+    OverBlack,
+}
+
+/// Whether the EXIF Orientation tag is applied before anything else.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExifOrientation {
+    /// Ignored, as PIL's `Image.open(p).convert("RGB")` ignores it (the default).
+    Ignore,
+    /// Applied, as `ImageOps.exif_transpose` does (opt-in; format 1's rule).
+    Apply,
+}
+
+/// How 16-bit samples become 8-bit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SixteenBit {
+    /// The high byte, `v >> 8`, as Pillow reads 16-bit PNGs (the default; see the module docs
+    /// for 16-bit greyscale, where PIL itself clips).
+    HighByte,
+    /// `round(v / 257)`, alpha composited at full precision: format 1's rule, kept only so
+    /// that models exported before format 2 keep their scores.
+    Rounded,
+}
+
+/// Format 1's alpha field, read from old checkpoints and metadata only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum AlphaBackground {
     White,
     Black,
 }
 
-impl AlphaBackground {
-    fn value(self) -> f32 {
-        match self {
-            AlphaBackground::White => 255.0,
-            AlphaBackground::Black => 0.0,
-        }
-    }
-}
-
 /// The complete preprocessing contract of a model. It is stored in checkpoints and in exported
 /// ONNX metadata, so a served model always preprocesses exactly as it was trained.
+///
+/// Reading one written before format 2 (no `alpha`, `exif_orientation`, `sixteen_bit`; an
+/// `alpha_background` instead) gives that format's behaviour, so old models' scores do not
+/// change silently; unknown fields are ignored.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(from = "PreprocessingRecord")]
 pub struct Preprocessing {
     /// Side of the square model input, in pixels.
     pub image_size: u32,
@@ -82,7 +125,50 @@ pub struct Preprocessing {
     pub mean: [f32; 3],
     /// Per-channel standard deviation divided by after the mean (RGB order).
     pub std: [f32; 3],
-    pub alpha_background: AlphaBackground,
+    pub alpha: Alpha,
+    pub exif_orientation: ExifOrientation,
+    pub sixteen_bit: SixteenBit,
+}
+
+/// The serialised form of [`Preprocessing`] in every format version.
+#[derive(Deserialize)]
+struct PreprocessingRecord {
+    image_size: u32,
+    resize: ResizeMode,
+    interpolation: Interpolation,
+    crop: CropMode,
+    mean: [f32; 3],
+    std: [f32; 3],
+    #[serde(default)]
+    alpha: Option<Alpha>,
+    #[serde(default)]
+    alpha_background: Option<AlphaBackground>,
+    #[serde(default)]
+    exif_orientation: Option<ExifOrientation>,
+    #[serde(default)]
+    sixteen_bit: Option<SixteenBit>,
+}
+
+impl From<PreprocessingRecord> for Preprocessing {
+    /// Absent fields mean format 1: alpha over its background (white), EXIF applied, 16-bit
+    /// samples rounded.
+    fn from(r: PreprocessingRecord) -> Self {
+        let format_1_alpha = match r.alpha_background {
+            Some(AlphaBackground::Black) => Alpha::OverBlack,
+            Some(AlphaBackground::White) | None => Alpha::OverWhite,
+        };
+        Preprocessing {
+            image_size: r.image_size,
+            resize: r.resize,
+            interpolation: r.interpolation,
+            crop: r.crop,
+            mean: r.mean,
+            std: r.std,
+            alpha: r.alpha.unwrap_or(format_1_alpha),
+            exif_orientation: r.exif_orientation.unwrap_or(ExifOrientation::Apply),
+            sixteen_bit: r.sixteen_bit.unwrap_or(SixteenBit::Rounded),
+        }
+    }
 }
 
 impl Default for Preprocessing {
@@ -93,7 +179,7 @@ impl Default for Preprocessing {
 }
 
 impl Preprocessing {
-    /// CLIP's preprocessing for a model of `image_size` pixels.
+    /// CLIP's preprocessing for a model of `image_size` pixels, converting as PIL does.
     pub fn clip(image_size: u32) -> Self {
         Preprocessing {
             image_size,
@@ -102,7 +188,20 @@ impl Preprocessing {
             crop: CropMode::Center,
             mean: CLIP_MEAN,
             std: CLIP_STD,
-            alpha_background: AlphaBackground::White,
+            alpha: Alpha::Drop,
+            exif_orientation: ExifOrientation::Ignore,
+            sixteen_bit: SixteenBit::HighByte,
+        }
+    }
+
+    /// The same geometry and normalisation with format 1's conversion (alpha over white, EXIF
+    /// applied, 16-bit rounded): what a model exported before format 2 recorded.
+    pub fn with_format_1_conversion(self) -> Self {
+        Preprocessing {
+            alpha: Alpha::OverWhite,
+            exif_orientation: ExifOrientation::Apply,
+            sixteen_bit: SixteenBit::Rounded,
+            ..self
         }
     }
 
@@ -194,16 +293,36 @@ fn classify(err: image::ImageError) -> PreprocessError {
     }
 }
 
-/// Decodes an encoded image (JPEG, PNG, GIF, WebP, BMP, TIFF) into 8-bit RGB, applying EXIF
-/// orientation and the conversion rules in the module documentation.
+/// Decodes an encoded image (JPEG, PNG, GIF, WebP, BMP, TIFF) into 8-bit RGB as PIL's
+/// `Image.open(p).convert("RGB")` does (the default [`Preprocessing`]'s conversion).
 pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, PreprocessError> {
+    decode_image_as(bytes, limits, &Preprocessing::default())
+}
+
+/// Reads and decodes an image file with the default conversion; errors name the file.
+pub fn decode_image_file(path: &Path, limits: &DecodeLimits) -> Result<RgbImage, PreprocessError> {
+    decode_image_file_as(path, limits, &Preprocessing::default())
+}
+
+/// Decodes an encoded image into 8-bit RGB with `config`'s conversion rules (alpha, EXIF
+/// orientation, 16-bit samples; see the module documentation).
+pub fn decode_image_as(
+    bytes: &[u8],
+    limits: &DecodeLimits,
+    config: &Preprocessing,
+) -> Result<RgbImage, PreprocessError> {
     if bytes.is_empty() {
         return Err(PreprocessError::Empty);
     }
+    let orient = |image: &mut DynamicImage, orientation| {
+        if config.exif_orientation == ExifOrientation::Apply {
+            image.apply_orientation(orientation);
+        }
+    };
     if crate::jpeg::is_jpeg(bytes) {
         let decoded = crate::jpeg::decode_jpeg(bytes, limits)?;
         let mut image = DynamicImage::ImageRgb8(decoded.image);
-        image.apply_orientation(decoded.orientation);
+        orient(&mut image, decoded.orientation);
         return Ok(image.into_rgb8());
     }
     let reader = ImageReader::new(Cursor::new(bytes))
@@ -226,17 +345,21 @@ pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Pre
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut image = DynamicImage::from_decoder(decoder).map_err(classify)?;
-    image.apply_orientation(orientation);
-    Ok(to_rgb8(image, AlphaBackground::White))
+    orient(&mut image, orientation);
+    Ok(to_rgb8(image, config.alpha, config.sixteen_bit))
 }
 
-/// Reads and decodes an image file; errors name the file.
-pub fn decode_image_file(path: &Path, limits: &DecodeLimits) -> Result<RgbImage, PreprocessError> {
+/// Reads and decodes an image file with `config`'s conversion rules; errors name the file.
+pub fn decode_image_file_as(
+    path: &Path,
+    limits: &DecodeLimits,
+    config: &Preprocessing,
+) -> Result<RgbImage, PreprocessError> {
     let bytes = std::fs::read(path).map_err(|source| PreprocessError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    decode_image(&bytes, limits).map_err(|e| e.in_file(path))
+    decode_image_as(&bytes, limits, config).map_err(|e| e.in_file(path))
 }
 
 pub(crate) fn check_dimensions(
@@ -261,56 +384,67 @@ pub(crate) fn check_dimensions(
     Ok(())
 }
 
-/// Converts any decoded image to 8-bit RGB with the documented rules.
-pub fn to_rgb8(image: DynamicImage, background: AlphaBackground) -> RgbImage {
-    let bg = background.value();
-    let over = |c: f32, a: f32| (c * a + bg * (1.0 - a)).round().clamp(0.0, 255.0) as u8;
-    let scale16 = |v: u16| ((u32::from(v) + 128) / 257) as u8;
+/// Converts any decoded image to 8-bit RGB: `alpha` says what becomes of transparency and
+/// `sixteen_bit` how 16-bit samples are reduced (see the module documentation).
+pub fn to_rgb8(image: DynamicImage, alpha: Alpha, sixteen_bit: SixteenBit) -> RgbImage {
     let (w, h) = (image.width(), image.height());
+    // f32 throughout, halves rounded away from zero: format 1's arithmetic, bit for bit.
+    let over = |c: f32, a: f32| match alpha {
+        Alpha::Drop => c.round().clamp(0.0, 255.0) as u8,
+        Alpha::OverWhite => (c * a + 255.0 * (1.0 - a)).round().clamp(0.0, 255.0) as u8,
+        Alpha::OverBlack => (c * a + 0.0 * (1.0 - a)).round().clamp(0.0, 255.0) as u8,
+    };
+    let depth = |v: u16| match sixteen_bit {
+        SixteenBit::HighByte => (v >> 8) as u8,
+        SixteenBit::Rounded => ((u32::from(v) + 128) / 257) as u8,
+    };
+    let rgb = |f: &dyn Fn(u32, u32) -> [u8; 3]| RgbImage::from_fn(w, h, |x, y| image::Rgb(f(x, y)));
     match image {
         DynamicImage::ImageRgb8(img) => img,
-        DynamicImage::ImageLuma8(img) => {
-            RgbImage::from_fn(w, h, |x, y| image::Rgb([img.get_pixel(x, y)[0]; 3]))
-        }
-        DynamicImage::ImageLuma16(img) => RgbImage::from_fn(w, h, |x, y| {
-            image::Rgb([scale16(img.get_pixel(x, y)[0]); 3])
-        }),
-        DynamicImage::ImageRgb16(img) => RgbImage::from_fn(w, h, |x, y| {
-            let p = img.get_pixel(x, y).0;
-            image::Rgb([scale16(p[0]), scale16(p[1]), scale16(p[2])])
-        }),
-        DynamicImage::ImageRgba8(img) => RgbImage::from_fn(w, h, |x, y| {
+        DynamicImage::ImageLuma8(img) => rgb(&|x, y| [img.get_pixel(x, y)[0]; 3]),
+        DynamicImage::ImageLuma16(img) => rgb(&|x, y| [depth(img.get_pixel(x, y)[0]); 3]),
+        DynamicImage::ImageRgb16(img) => rgb(&|x, y| img.get_pixel(x, y).0.map(depth)),
+        DynamicImage::ImageRgba8(img) => rgb(&|x, y| {
             let [r, g, b, a] = img.get_pixel(x, y).0;
             let a = f32::from(a) / 255.0;
-            image::Rgb([
-                over(f32::from(r), a),
-                over(f32::from(g), a),
-                over(f32::from(b), a),
-            ])
+            [r, g, b].map(|c| over(f32::from(c), a))
         }),
-        DynamicImage::ImageLumaA8(img) => RgbImage::from_fn(w, h, |x, y| {
+        DynamicImage::ImageLumaA8(img) => rgb(&|x, y| {
             let [l, a] = img.get_pixel(x, y).0;
-            image::Rgb([over(f32::from(l), f32::from(a) / 255.0); 3])
+            [over(f32::from(l), f32::from(a) / 255.0); 3]
         }),
-        DynamicImage::ImageRgba16(img) => RgbImage::from_fn(w, h, |x, y| {
+        // Pillow reads these as 8-bit RGBA/LA (high bytes); format 1 composited at 16 bits.
+        DynamicImage::ImageRgba16(img) => rgb(&|x, y| {
             let [r, g, b, a] = img.get_pixel(x, y).0;
-            let a = f32::from(a) / 65535.0;
-            let c = |v: u16| over(f32::from(v) / 257.0, a);
-            image::Rgb([c(r), c(g), c(b)])
+            match sixteen_bit {
+                SixteenBit::HighByte => {
+                    let a = f32::from(depth(a)) / 255.0;
+                    [r, g, b].map(|c| over(f32::from(depth(c)), a))
+                }
+                SixteenBit::Rounded if alpha == Alpha::Drop => [r, g, b].map(depth),
+                SixteenBit::Rounded => {
+                    let a = f32::from(a) / 65535.0;
+                    [r, g, b].map(|c| over(f32::from(c) / 257.0, a))
+                }
+            }
         }),
-        DynamicImage::ImageLumaA16(img) => RgbImage::from_fn(w, h, |x, y| {
+        DynamicImage::ImageLumaA16(img) => rgb(&|x, y| {
             let [l, a] = img.get_pixel(x, y).0;
-            image::Rgb([over(f32::from(l) / 257.0, f32::from(a) / 65535.0); 3])
+            let v = match sixteen_bit {
+                SixteenBit::HighByte => over(f32::from(depth(l)), f32::from(depth(a)) / 255.0),
+                SixteenBit::Rounded if alpha == Alpha::Drop => depth(l),
+                SixteenBit::Rounded => over(f32::from(l) / 257.0, f32::from(a) / 65535.0),
+            };
+            [v; 3]
         }),
         // Float images (TIFF, OpenEXR) and anything newer: the library's own conversion, which
-        // clamps to [0, 1]; alpha is composited first.
+        // clamps to [0, 1]; alpha is composited first unless dropped.
         other => {
-            if other.color().has_alpha() {
+            if other.color().has_alpha() && alpha != Alpha::Drop {
                 let rgba = other.to_rgba32f();
-                RgbImage::from_fn(w, h, |x, y| {
+                rgb(&|x, y| {
                     let [r, g, b, a] = rgba.get_pixel(x, y).0;
-                    let c = |v: f32| over(v.clamp(0.0, 1.0) * 255.0, a.clamp(0.0, 1.0));
-                    image::Rgb([c(r), c(g), c(b)])
+                    [r, g, b].map(|c| over(c.clamp(0.0, 1.0) * 255.0, a.clamp(0.0, 1.0)))
                 })
             } else {
                 other.to_rgb8()
@@ -425,13 +559,27 @@ impl Preprocessor {
         Ok(out)
     }
 
+    /// Encoded bytes → 8-bit RGB with this model's conversion rules.
+    pub fn decode(&self, bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, PreprocessError> {
+        decode_image_as(bytes, limits, &self.config)
+    }
+
+    /// Image file → 8-bit RGB with this model's conversion rules; errors name the file.
+    pub fn decode_file(
+        &self,
+        path: &Path,
+        limits: &DecodeLimits,
+    ) -> Result<RgbImage, PreprocessError> {
+        decode_image_file_as(path, limits, &self.config)
+    }
+
     /// Image file → normalised `[3, size, size]` tensor; errors name the file.
     pub fn preprocess_file(
         &self,
         path: &Path,
         limits: &DecodeLimits,
     ) -> Result<Vec<f32>, PreprocessError> {
-        let image = decode_image_file(path, limits)?;
+        let image = self.decode_file(path, limits)?;
         self.preprocess(&image).map_err(|e| e.in_file(path))
     }
 }
@@ -584,29 +732,94 @@ mod tests {
     }
 
     #[test]
-    fn alpha_is_composited_over_white() {
-        let rgba = image::RgbaImage::from_pixel(2, 2, image::Rgba([0, 0, 0, 0]));
-        let rgb = to_rgb8(DynamicImage::ImageRgba8(rgba), AlphaBackground::White);
-        assert_eq!(rgb.get_pixel(0, 0).0, [255, 255, 255]);
+    fn alpha_is_dropped_by_default_and_composited_on_request() {
         let half = image::RgbaImage::from_pixel(1, 1, image::Rgba([100, 0, 255, 128]));
-        let rgb = to_rgb8(DynamicImage::ImageRgba8(half), AlphaBackground::White);
+        let convert = |alpha| {
+            to_rgb8(
+                DynamicImage::ImageRgba8(half.clone()),
+                alpha,
+                SixteenBit::HighByte,
+            )
+            .get_pixel(0, 0)
+            .0
+        };
+        // PIL's convert("RGB") keeps the stored colour.
+        assert_eq!(convert(Alpha::Drop), [100, 0, 255]);
         let a = 128.0f32 / 255.0;
-        let expect = |c: f32| (c * a + 255.0 * (1.0 - a)).round() as u8;
+        let white = |c: f32| (c * a + 255.0 * (1.0 - a)).round() as u8;
         assert_eq!(
-            rgb.get_pixel(0, 0).0,
-            [expect(100.0), expect(0.0), expect(255.0)]
+            convert(Alpha::OverWhite),
+            [white(100.0), white(0.0), white(255.0)]
+        );
+        assert_eq!(
+            convert(Alpha::OverBlack),
+            [(100.0 * a).round() as u8, 0, (255.0 * a).round() as u8]
         );
     }
 
     #[test]
-    fn sixteen_bit_scales_by_257() {
+    fn sixteen_bit_keeps_the_high_byte_unless_format_1() {
         let img =
             image::ImageBuffer::<image::Luma<u16>, _>::from_raw(3, 1, vec![0u16, 65535, 32896])
                 .unwrap();
-        let rgb = to_rgb8(DynamicImage::ImageLuma16(img), AlphaBackground::White);
-        assert_eq!(rgb.get_pixel(0, 0).0, [0; 3]);
-        assert_eq!(rgb.get_pixel(1, 0).0, [255; 3]);
-        assert_eq!(rgb.get_pixel(2, 0).0, [128; 3]);
+        let high = to_rgb8(
+            DynamicImage::ImageLuma16(img.clone()),
+            Alpha::Drop,
+            SixteenBit::HighByte,
+        );
+        assert_eq!(high.as_raw(), &[0, 0, 0, 255, 255, 255, 128, 128, 128]);
+        let rounded = to_rgb8(
+            DynamicImage::ImageLuma16(img),
+            Alpha::OverWhite,
+            SixteenBit::Rounded,
+        );
+        // 32896 / 257 = 128.0 exactly, high byte 0x80 = 128: both rules agree here.
+        assert_eq!(rounded.as_raw(), &[0, 0, 0, 255, 255, 255, 128, 128, 128]);
+        let edge =
+            image::ImageBuffer::<image::Rgb<u16>, _>::from_raw(1, 1, vec![0x80FF, 0x00FF, 0xFF00])
+                .unwrap();
+        let convert = |depth| {
+            to_rgb8(DynamicImage::ImageRgb16(edge.clone()), Alpha::Drop, depth)
+                .get_pixel(0, 0)
+                .0
+        };
+        assert_eq!(convert(SixteenBit::HighByte), [0x80, 0x00, 0xFF]);
+        // 0x00FF / 257 rounds up to 1, 0xFF00 / 257 = 254: the rules differ in both directions.
+        assert_eq!(convert(SixteenBit::Rounded), [128, 1, 254]);
+    }
+
+    #[test]
+    fn format_1_preprocessing_keeps_its_conversion() {
+        // As written by format-1 checkpoints and metadata: no alpha / EXIF / 16-bit fields.
+        let v1 = r#"{"image_size":224,"resize":"shorter_side","interpolation":"bicubic",
+            "crop":"center","mean":[0.48145467,0.4578275,0.40821072],
+            "std":[0.26862955,0.2613026,0.2757771],"alpha_background":"white"}"#;
+        let p: Preprocessing = serde_json::from_str(v1).unwrap();
+        assert_eq!(p, Preprocessing::clip(224).with_format_1_conversion());
+        assert_eq!(p.alpha, Alpha::OverWhite);
+        assert_eq!(p.exif_orientation, ExifOrientation::Apply);
+        assert_eq!(p.sixteen_bit, SixteenBit::Rounded);
+        let black: Preprocessing =
+            serde_json::from_str(&v1.replace("\"white\"", "\"black\"")).unwrap();
+        assert_eq!(black.alpha, Alpha::OverBlack);
+        // Format 2 round-trips, and fields added later are ignored.
+        for p in [
+            Preprocessing::default(),
+            Preprocessing {
+                alpha: Alpha::OverBlack,
+                exif_orientation: ExifOrientation::Apply,
+                ..Preprocessing::default()
+            },
+        ] {
+            let mut json: serde_json::Value = serde_json::to_value(&p).unwrap();
+            assert!(json.get("alpha_background").is_none());
+            json["future_field"] = serde_json::json!({"precision": "fp16"});
+            assert_eq!(serde_json::from_value::<Preprocessing>(json).unwrap(), p);
+        }
+        let default = serde_json::to_value(Preprocessing::default()).unwrap();
+        assert_eq!(default["alpha"], "drop");
+        assert_eq!(default["exif_orientation"], "ignore");
+        assert_eq!(default["sixteen_bit"], "high_byte");
     }
 
     #[test]

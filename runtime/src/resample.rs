@@ -2,10 +2,11 @@
 //!
 //! CLIP was trained, and CLIP-AGIQA is trained, on images resized by Pillow. General-purpose
 //! resizers (fast_image_resize, `image::imageops`) use the same Catmull-Rom kernel but keep more
-//! precision between the two separable passes; Pillow rounds and clips the horizontal pass to
-//! 8 bits before the vertical one. On sharp edges, where bicubic overshoots, that clipping
-//! changes outputs by up to 10 levels. Matching Pillow's arithmetic (coefficients in f64,
-//! 22-bit fixed point, horizontal pass first, clip to u8 in between) makes our pixels Pillow's.
+//! precision between the two separable passes; Pillow rounds and clips the first pass to 8 bits
+//! before the second. On sharp edges, where bicubic overshoots, that clipping changes outputs
+//! by up to 10 levels, and so does the order of the passes. Matching Pillow's arithmetic
+//! (coefficients in f64, 22-bit fixed point, Pillow 13's choice of which pass runs first, clip to
+//! u8 in between) makes our pixels Pillow's.
 
 use image::RgbImage;
 
@@ -45,6 +46,8 @@ impl Coefficients {
         let mut bounds = Vec::with_capacity(window.1);
         let mut weights = vec![0i32; window.1 * taps_per_pixel];
         let mut taps = vec![0f64; taps_per_pixel];
+        // Pillow multiplies by the reciprocal; dividing differs in the last bit now and then.
+        let inverse_scale = 1.0 / filter_scale;
         for (i, xx) in (window.0..window.0 + window.1).enumerate() {
             let center = (xx as f64 + 0.5) * scale;
             // Pillow truncates toward zero with a C cast after adding 0.5.
@@ -53,7 +56,7 @@ impl Coefficients {
             let count = xmax.saturating_sub(xmin).min(taps_per_pixel);
             let mut total = 0.0;
             for (x, tap) in taps.iter_mut().enumerate().take(count) {
-                *tap = bicubic((x as f64 + xmin as f64 - center + 0.5) / filter_scale);
+                *tap = bicubic((x as f64 + xmin as f64 - center + 0.5) * inverse_scale);
                 total += *tap;
             }
             let out = &mut weights[i * taps_per_pixel..(i + 1) * taps_per_pixel];
@@ -94,9 +97,103 @@ fn clip8(acc: i32) -> u8 {
     }
 }
 
+/// Pillow 13 runs the vertical pass first when it removes more than twice as many rows as the
+/// horizontal pass removes columns (`in_h − out_h > 2·(in_w − out_w)`), else horizontal first.
+/// Because the intermediate image is clipped to 8 bits, the order changes pixels: portraits
+/// taller than 2:1 come out differently. Pillow ≤ 12 always ran horizontal first.
+fn vertical_first(input: (usize, usize), output: (usize, usize)) -> bool {
+    let removed_rows = input.1 as i64 - output.1 as i64;
+    let removed_cols = input.0 as i64 - output.0 as i64;
+    removed_rows > 0 && removed_rows > 2 * removed_cols
+}
+
+/// One horizontal pass: rows `rows` of `src` (RGB, `src_w` pixels a row) through `coeffs`, whose
+/// taps index source columns counted from `col_offset` (the first column `src` holds).
+fn horizontal_pass(
+    src: &[u8],
+    src_w: usize,
+    rows: std::ops::Range<usize>,
+    col_offset: usize,
+    coeffs: &Coefficients,
+) -> Vec<u8> {
+    let out_w = coeffs.bounds.len();
+    let mut out = vec![0u8; rows.len() * out_w * 3];
+    let half = 1i32 << (PRECISION_BITS - 1);
+    for (r, dst) in rows.zip(out.chunks_exact_mut(out_w * 3)) {
+        let row = &src[r * src_w * 3..(r + 1) * src_w * 3];
+        for (x, px) in dst.chunks_exact_mut(3).enumerate() {
+            let (first, taps) = coeffs.taps(x);
+            let (mut s0, mut s1, mut s2) = (half, half, half);
+            for (k, &w) in taps.iter().enumerate() {
+                let i = (first - col_offset + k) * 3;
+                s0 += i32::from(row[i]) * w;
+                s1 += i32::from(row[i + 1]) * w;
+                s2 += i32::from(row[i + 2]) * w;
+            }
+            px.copy_from_slice(&[clip8(s0), clip8(s1), clip8(s2)]);
+        }
+    }
+    out
+}
+
+/// One vertical pass over columns `cols` of `src` (RGB, `src_w` pixels a row) through `coeffs`,
+/// whose taps index source rows counted from `row_offset` (the first row `src` holds).
+fn vertical_pass(
+    src: &[u8],
+    src_w: usize,
+    row_offset: usize,
+    cols: std::ops::Range<usize>,
+    coeffs: &Coefficients,
+) -> Vec<u8> {
+    let out_w = cols.len();
+    let mut out = vec![0u8; coeffs.bounds.len() * out_w * 3];
+    let half = 1i32 << (PRECISION_BITS - 1);
+    for (y, dst) in out.chunks_exact_mut(out_w * 3).enumerate() {
+        let (first, taps) = coeffs.taps(y);
+        for (x, px) in cols.clone().zip(dst.chunks_exact_mut(3)) {
+            let (mut s0, mut s1, mut s2) = (half, half, half);
+            for (k, &w) in taps.iter().enumerate() {
+                let i = ((first - row_offset + k) * src_w + x) * 3;
+                s0 += i32::from(src[i]) * w;
+                s1 += i32::from(src[i + 1]) * w;
+                s2 += i32::from(src[i + 2]) * w;
+            }
+            px.copy_from_slice(&[clip8(s0), clip8(s1), clip8(s2)]);
+        }
+    }
+    out
+}
+
+/// The source range `[min first tap, max last tap)` that a pass reads.
+fn span(coeffs: &Coefficients) -> std::ops::Range<usize> {
+    let first = coeffs.bounds.iter().map(|b| b.0).min().unwrap_or(0);
+    let last = coeffs
+        .bounds
+        .iter()
+        .map(|b| b.0 + b.1)
+        .max()
+        .unwrap_or(first);
+    first..last
+}
+
+/// Rows `rows`, columns `cols` of `src` (RGB, `src_w` pixels a row), copied.
+fn copy_window(
+    src: &[u8],
+    src_w: usize,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(rows.len() * cols.len() * 3);
+    for r in rows {
+        out.extend_from_slice(&src[(r * src_w + cols.start) * 3..(r * src_w + cols.end) * 3]);
+    }
+    out
+}
+
 /// Resizes `src` to `resized` (width, height) with Pillow's BICUBIC and returns only the output
 /// window `(left, top, width, height)` — e.g. the centre crop — computing nothing outside it.
-/// Identical, pixel for pixel, to `src.resize(resized, Image.BICUBIC).crop(window)` in Pillow.
+/// Identical, pixel for pixel, to `src.resize(resized, Image.BICUBIC).crop(window)` in
+/// Pillow 13, pass order included (see [`vertical_first`]).
 pub fn resize_bicubic_window(
     src: &RgbImage,
     resized: (u32, u32),
@@ -111,64 +208,27 @@ pub fn resize_bicubic_window(
         window.3 as usize,
     );
     let pixels = src.as_raw();
-
-    // Horizontal pass over just the source rows the vertical pass will read.
-    let vertical = Coefficients::new(in_h, out_h, (top, win_h));
-    let first_row = vertical.bounds.iter().map(|b| b.0).min().unwrap_or(0);
-    let last_row = vertical.bounds.iter().map(|b| b.0 + b.1).max().unwrap_or(0);
-    let rows = last_row - first_row;
-    let need_horizontal = out_w != in_w || left != 0 || win_w != in_w;
-    let temp: Vec<u8> = if need_horizontal {
-        let horizontal = Coefficients::new(in_w, out_w, (left, win_w));
-        let mut temp = vec![0u8; rows * win_w * 3];
-        for r in 0..rows {
-            let row = &pixels[(first_row + r) * in_w * 3..(first_row + r + 1) * in_w * 3];
-            let out = &mut temp[r * win_w * 3..(r + 1) * win_w * 3];
-            for x in 0..win_w {
-                let (first, taps) = horizontal.taps(x);
-                let half = 1i32 << (PRECISION_BITS - 1);
-                let (mut r0, mut g0, mut b0) = (half, half, half);
-                for (k, &w) in taps.iter().enumerate() {
-                    let p = &row[(first + k) * 3..(first + k) * 3 + 3];
-                    r0 += i32::from(p[0]) * w;
-                    g0 += i32::from(p[1]) * w;
-                    b0 += i32::from(p[2]) * w;
-                }
-                out[x * 3] = clip8(r0);
-                out[x * 3 + 1] = clip8(g0);
-                out[x * 3 + 2] = clip8(b0);
-            }
+    // As in Pillow, a pass runs only when its axis changes size; an unchanged axis is a copy
+    // of the window's rows or columns.
+    let horizontal = (out_w != in_w).then(|| Coefficients::new(in_w, out_w, (left, win_w)));
+    let vertical = (out_h != in_h).then(|| Coefficients::new(in_h, out_h, (top, win_h)));
+    let out = match (horizontal, vertical) {
+        (None, None) => copy_window(pixels, in_w, top..top + win_h, left..left + win_w),
+        (Some(h), None) => horizontal_pass(pixels, in_w, top..top + win_h, 0, &h),
+        (None, Some(v)) => vertical_pass(pixels, in_w, 0, left..left + win_w, &v),
+        (Some(h), Some(v)) if vertical_first((in_w, in_h), (out_w, out_h)) => {
+            let cols = span(&h);
+            let first_col = cols.start;
+            let temp = vertical_pass(pixels, in_w, 0, cols.clone(), &v);
+            horizontal_pass(&temp, cols.len(), 0..win_h, first_col, &h)
         }
-        temp
-    } else {
-        pixels[first_row * in_w * 3..last_row * in_w * 3].to_vec()
+        (Some(h), Some(v)) => {
+            let rows = span(&v);
+            let first_row = rows.start;
+            let temp = horizontal_pass(pixels, in_w, rows, 0, &h);
+            vertical_pass(&temp, win_w, first_row, 0..win_w, &v)
+        }
     };
-    let temp_w = if need_horizontal { win_w } else { in_w };
-
-    let need_vertical = out_h != in_h || top != 0 || win_h != in_h;
-    let mut out = vec![0u8; win_w * win_h * 3];
-    for y in 0..win_h {
-        let dst = &mut out[y * win_w * 3..(y + 1) * win_w * 3];
-        if !need_vertical {
-            let start = (top + y - first_row) * temp_w * 3;
-            dst.copy_from_slice(&temp[start..start + win_w * 3]);
-            continue;
-        }
-        let (first, taps) = vertical.taps(y);
-        let half = 1i32 << (PRECISION_BITS - 1);
-        for (x, px) in dst.chunks_exact_mut(3).enumerate() {
-            let (mut r0, mut g0, mut b0) = (half, half, half);
-            for (k, &w) in taps.iter().enumerate() {
-                let i = ((first - first_row + k) * temp_w + x) * 3;
-                r0 += i32::from(temp[i]) * w;
-                g0 += i32::from(temp[i + 1]) * w;
-                b0 += i32::from(temp[i + 2]) * w;
-            }
-            px[0] = clip8(r0);
-            px[1] = clip8(g0);
-            px[2] = clip8(b0);
-        }
-    }
     // The buffer has exactly win_w · win_h · 3 bytes by construction.
     RgbImage::from_raw(win_w as u32, win_h as u32, out).unwrap_or_default()
 }
@@ -209,6 +269,34 @@ mod tests {
         let full = resize_bicubic_window(&img, (50, 31), (0, 0, 50, 31));
         let window = resize_bicubic_window(&img, (50, 31), (9, 4, 30, 20));
         let cropped = image::imageops::crop_imm(&full, 9, 4, 30, 20).to_image();
+        assert_eq!(window, cropped);
+    }
+
+    #[test]
+    fn pass_order_follows_pillow_13() {
+        // Measured against Pillow 13.0.0: 40x60 -> 20x20 runs horizontal first, 40x61 vertical.
+        assert!(!vertical_first((40, 60), (20, 20)));
+        assert!(vertical_first((40, 61), (20, 20)));
+        // The reported portrait: 300x700 -> 224x522 removes 178 rows but only 76 columns.
+        assert!(vertical_first((300, 700), (224, 522)));
+        assert!(!vertical_first((700, 300), (522, 224)));
+        // Upscaling never runs the vertical pass first.
+        assert!(!vertical_first((50, 400), (224, 1792)));
+    }
+
+    #[test]
+    fn window_equals_crop_of_full_resize_when_vertical_runs_first() {
+        let img = RgbImage::from_fn(41, 133, |x, y| {
+            image::Rgb([
+                ((x * 29) ^ (y * 3)) as u8,
+                if (x / 3 + y / 5) % 2 == 0 { 250 } else { 5 },
+                (x * y * 7) as u8,
+            ])
+        });
+        assert!(vertical_first((41, 133), (30, 60)));
+        let full = resize_bicubic_window(&img, (30, 60), (0, 0, 30, 60));
+        let window = resize_bicubic_window(&img, (30, 60), (3, 17, 20, 30));
+        let cropped = image::imageops::crop_imm(&full, 3, 17, 20, 30).to_image();
         assert_eq!(window, cropped);
     }
 }

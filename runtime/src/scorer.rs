@@ -26,7 +26,7 @@ use crate::metadata::{
     OUTPUT_SCORE, OUTPUT_SCORES,
 };
 use crate::onnxruntime::OrtLibraryError;
-use crate::preprocess::{decode_image, DecodeLimits, PreprocessError, Preprocessor};
+use crate::preprocess::{DecodeLimits, PreprocessError, Preprocessor};
 
 /// Which ONNX Runtime execution provider to run on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -312,7 +312,11 @@ impl Scorer {
 
     /// Encoded bytes → this model's input, with the scorer's decode limits.
     pub fn prepare_bytes(&self, bytes: &[u8]) -> Result<ModelInput, PreprocessError> {
-        self.prepare(&decode_image(bytes, &self.options.decode_limits)?)
+        self.prepare(
+            &self
+                .preprocessor
+                .decode(bytes, &self.options.decode_limits)?,
+        )
     }
 
     /// An image file → this model's input; errors name the file.

@@ -145,6 +145,7 @@ impl<'a> FeatureExtractor<'a> {
             serde_json::json!({
                 "clip": clip_fingerprint,
                 "preprocessing": preprocessing,
+                "preprocessing_impl": agiqa_runtime::preprocess::PREPROCESSING_IMPL_VERSION,
                 "views": spec,
                 "format": 1,
             })
