@@ -12,7 +12,15 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+/// Building a random CLIP seeds and draws from libtorch's process-global generator; these tests
+/// run in parallel, so they take turns there (the binary then rebuilds the same weights).
+fn torch_rng_turn() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn untrained(dir: &Path) -> PathBuf {
+    let _turn = torch_rng_turn();
     let source = agiqa_trainer::clip::ClipSource::Random {
         preset: "tiny".into(),
         seed: 0,
@@ -102,6 +110,7 @@ fn a_broken_checkpoint_is_refused_and_nothing_is_written() {
 
     // Two checkpoints on different CLIP weights cannot share one graph.
     let other = {
+        let _turn = torch_rng_turn();
         let source = agiqa_trainer::clip::ClipSource::Random {
             preset: "tiny".into(),
             seed: 9,
