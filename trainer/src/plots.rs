@@ -801,9 +801,12 @@ mod tests {
     }
 
     #[test]
-    fn missing_folder_is_an_io_error_naming_the_file() {
+    fn unwritable_folder_is_an_io_error_naming_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("no/such/dir/curves.png");
+        // A missing folder is created (as for every file the project writes); a folder path
+        // that runs through a regular file cannot be.
+        std::fs::write(dir.path().join("file"), b"x").unwrap();
+        let path = dir.path().join("file/sub/curves.png");
         let err = plot_training_curves(&path, "t", &epochs(3)).unwrap_err();
         assert!(matches!(err, PlotError::Io { .. }), "{err:?}");
         assert!(err.to_string().contains("curves.png"), "{err}");

@@ -53,15 +53,14 @@ pub(crate) fn parse_csv(text: &str, path: &Path, comments: bool) -> Result<CsvTa
     for record in reader.records() {
         let record = record.map_err(|e| DataError::Malformed {
             path: path.to_path_buf(),
-            line: e.position().map_or(0, |p| line_at(text, p.byte() as usize)),
+            line: e
+                .position()
+                .map_or(0, |p| line_at(text, record_start(text, p.byte(), comments))),
             reason: e.to_string(),
         })?;
-        let byte = record
-            .position()
-            .map_or(0, |p| p.byte() as usize)
-            .min(text.len());
-        // Counted on from the previous record: the csv crate's own line count lags behind
-        // blank lines and quoted line breaks.
+        let byte = record_start(text, record.position().map_or(0, |p| p.byte()), comments);
+        // Counted on from the previous record (the csv crate's own line count lags behind
+        // CRLF endings, blank lines and quoted line breaks).
         line += text.as_bytes()[last_start..byte]
             .iter()
             .filter(|&&b| b == b'\n')
@@ -92,6 +91,25 @@ pub(crate) fn parse_csv(text: &str, path: &Path, comments: bool) -> Result<CsvTa
         header: header.into_iter().map(|h| h.trim().to_string()).collect(),
         records,
     })
+}
+
+/// Where the record the csv crate places at `position` really starts: its positions point at the
+/// end of what came before (a CRLF's `\n`, blank or comment lines), which are skipped here.
+fn record_start(text: &str, position: u64, comments: bool) -> usize {
+    let bytes = text.as_bytes();
+    let mut at = (position as usize).min(bytes.len());
+    loop {
+        match bytes.get(at) {
+            Some(b'\r' | b'\n') => at += 1,
+            Some(b'#') if comments => {
+                at = bytes[at..]
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(bytes.len(), |n| at + n + 1);
+            }
+            _ => return at,
+        }
+    }
 }
 
 /// The 1-based line of byte offset `byte` of `text`.
