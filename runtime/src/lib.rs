@@ -11,6 +11,7 @@ pub mod metadata;
 pub mod metrics;
 pub mod preprocess;
 pub mod resample;
+pub mod tiff_decode;
 
 #[cfg(feature = "onnx")]
 pub mod batch_io;

@@ -325,6 +325,13 @@ pub fn decode_image_as(
         orient(&mut image, decoded.orientation);
         return Ok(image.into_rgb8());
     }
+    if crate::tiff_decode::is_tiff(bytes) {
+        if let Some(decoded) = crate::tiff_decode::decode_tiff(bytes, limits)? {
+            let mut image = DynamicImage::ImageRgb8(decoded.image);
+            orient(&mut image, decoded.orientation);
+            return Ok(image.into_rgb8());
+        }
+    }
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| PreprocessError::Corrupt(e.to_string()))?;
