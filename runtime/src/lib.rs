@@ -6,6 +6,7 @@
 //! schema ([`metadata`]) — so the trainer depends on this crate (without its ONNX Runtime
 //! parts, feature `onnx`) rather than keeping copies that could drift.
 
+pub mod gif_decode;
 pub mod jpeg;
 pub mod metadata;
 pub mod metrics;

@@ -325,6 +325,10 @@ pub fn decode_image_as(
         orient(&mut image, decoded.orientation);
         return Ok(image.into_rgb8());
     }
+    if crate::gif_decode::is_gif(bytes) {
+        let image = DynamicImage::ImageRgba8(crate::gif_decode::decode_gif(bytes, limits)?);
+        return Ok(to_rgb8(image, config.alpha, config.sixteen_bit));
+    }
     if crate::tiff_decode::is_tiff(bytes) {
         if let Some(decoded) = crate::tiff_decode::decode_tiff(bytes, limits)? {
             let mut image = DynamicImage::ImageRgb8(decoded.image);
