@@ -47,11 +47,11 @@ fn ours(file: &str, config: &Preprocessing) -> RgbImage {
 
 /// Every format and mode, with the default conversion, against literally
 /// `Image.open(p).convert("RGB")` + torchvision: JPEG (4:2:0, 4:2:2, 4:4:0, 4:4:4,
-/// progressive, grey, CMYK, YCCK, EXIF 2–8 ignored), PNG (RGB, RGBA, LA, 1-bit, grey, palette
-/// with and without transparency, 16-bit RGB(A) and grey+alpha), GIF (first frame,
-/// transparency, 4-bit), BMP, TIFF (raw, LZW, Deflate, JPEG, RGBA, CMYK, palette, CCITT G4,
-/// PackBits grey), WebP (lossless, lossy, with alpha). 16-bit greyscale is the documented
-/// deviation (next test).
+/// progressive, grey, CMYK, YCCK, EXIF 2–8 ignored), PNG (RGB, RGBA, LA, 1-, 4-bit, grey,
+/// palette with and without transparency, colour keys, 16-bit RGB(A) and grey+alpha), GIF
+/// (first frame, transparency, frames smaller than the screen), BMP, TIFF (raw, LZW, Deflate,
+/// JPEG, RGBA, CMYK, palette, CCITT G4, PackBits grey), WebP (lossless, lossy, with alpha).
+/// 16-bit greyscale is the documented deviation (next test).
 #[test]
 fn every_format_is_identical_to_pil() {
     let rules = rules();
