@@ -45,19 +45,13 @@ fn ours(file: &str, config: &Preprocessing) -> RgbImage {
     pre.resize_and_crop(&image).unwrap()
 }
 
-/// Files whose decoder is not Pillow's library, with the measured largest difference (levels).
-/// JPEG-compressed TIFF: Pillow decodes it with libtiff + libjpeg-turbo, the `image` crate's
-/// `tiff` with zune-jpeg (other IDCT and chroma upsampling); measured 2 levels on 0.96 % of
-/// the crop's samples. Every other file is decoded by the same code as Pillow's, or losslessly.
-const DECODER_DEVIATIONS: &[(&str, u8)] = &[("jpeg.tif", 2)];
-
 /// Every format and mode, with the default conversion, against literally
 /// `Image.open(p).convert("RGB")` + torchvision: JPEG (4:2:0, 4:2:2, 4:4:0, 4:4:4,
-/// progressive, grey, CMYK, YCCK, EXIF 2–8 ignored), PNG (RGB, RGBA, LA, 1-bit, grey, palette
-/// with and without transparency, 16-bit RGB(A) and grey+alpha), GIF (first frame,
-/// transparency), BMP, TIFF (raw, LZW, Deflate, JPEG, RGBA, PackBits grey), WebP (lossless,
-/// lossy, with alpha). 16-bit greyscale is the documented deviation (next test), JPEG-in-TIFF
-/// a measured one ([`DECODER_DEVIATIONS`]).
+/// progressive, grey, CMYK, YCCK, EXIF 2–8 ignored), PNG (RGB, RGBA, LA, 1-, 4-bit, grey,
+/// palette with and without transparency, colour keys, 16-bit RGB(A) and grey+alpha), GIF
+/// (first frame, transparency, frames smaller than the screen), BMP, TIFF (raw, LZW, Deflate,
+/// JPEG, RGBA, CMYK, palette, CCITT G4, PackBits grey), WebP (lossless, lossy, with alpha).
+/// 16-bit greyscale is the documented deviation (next test).
 #[test]
 fn every_format_is_identical_to_pil() {
     let rules = rules();
@@ -75,19 +69,8 @@ fn every_format_is_identical_to_pil() {
             rule.pil_mode,
             100.0 * share
         );
-        let bound = DECODER_DEVIATIONS
-            .iter()
-            .find(|(name, _)| name == file)
-            .map(|&(_, bound)| bound);
-        match bound {
-            None if max > 0 => {
-                failures.push(format!("{file}: max {max}, {:.2} % differ", 100.0 * share))
-            }
-            Some(bound) if max > bound => failures.push(format!("{file}: {max} > {bound}")),
-            Some(_) if max == 0 => failures.push(format!(
-                "{file} is now exact: remove it from DECODER_DEVIATIONS and the README"
-            )),
-            _ => {}
+        if max > 0 {
+            failures.push(format!("{file}: max {max}, {:.2} % differ", 100.0 * share));
         }
     }
     assert!(failures.is_empty(), "not identical to PIL: {failures:?}");

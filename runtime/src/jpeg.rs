@@ -127,7 +127,7 @@ fn decode_inner(bytes: &[u8], limits: &DecodeLimits) -> Result<DecodedJpeg, Prep
         Format::CMYK(mut started) => {
             let data = started.read_scanlines::<u8>().map_err(io)?;
             started.finish().map_err(io)?;
-            RgbImage::from_raw(w, h, cmyk_to_rgb(&data))
+            RgbImage::from_raw(w, h, cmyk_to_rgb(&data, true))
         }
     };
     let image = image.ok_or_else(|| {
@@ -136,16 +136,23 @@ fn decode_inner(bytes: &[u8], limits: &DecodeLimits) -> Result<DecodedJpeg, Prep
     Ok(DecodedJpeg { image, orientation })
 }
 
-/// Pillow's JPEG reader (`CMYK;I`, inverted samples) followed by its `cmyk2rgb`:
-/// `c' = k' − c·k'/255` with `k' = 255 − k`, using its rounding division.
-fn cmyk_to_rgb(stored: &[u8]) -> Vec<u8> {
+/// Pillow's `cmyk2rgb`: `c' = k' − c·k'/255` with `k' = 255 − k`, using its rounding division.
+/// `inverted`: the samples are stored inverted, as Pillow's JPEG reader (`CMYK;I`) assumes for
+/// every CMYK JPEG (Adobe's convention); TIFF stores them as they are.
+pub(crate) fn cmyk_to_rgb(stored: &[u8], inverted: bool) -> Vec<u8> {
     let muldiv255 = |a: i32, b: i32| {
         let t = a * b + 128;
         ((t >> 8) + t) >> 8
     };
     let mut out = Vec::with_capacity(stored.len() / 4 * 3);
     for px in stored.chunks_exact(4) {
-        let v = |i: usize| 255 - i32::from(px[i]);
+        let v = |i: usize| {
+            if inverted {
+                255 - i32::from(px[i])
+            } else {
+                i32::from(px[i])
+            }
+        };
         let nk = 255 - v(3);
         for c in 0..3 {
             out.push((nk - muldiv255(v(c), nk)).clamp(0, 255) as u8);
@@ -199,8 +206,17 @@ mod tests {
     #[test]
     fn cmyk_conversion_is_pillows() {
         // Stored inverted: 255 = no ink. White paper, full black ink, and 50 % cyan.
-        assert_eq!(cmyk_to_rgb(&[255, 255, 255, 255]), vec![255, 255, 255]);
-        assert_eq!(cmyk_to_rgb(&[255, 255, 255, 0]), vec![0, 0, 0]);
-        assert_eq!(cmyk_to_rgb(&[127, 255, 255, 255]), vec![127, 255, 255]);
+        assert_eq!(
+            cmyk_to_rgb(&[255, 255, 255, 255], true),
+            vec![255, 255, 255]
+        );
+        assert_eq!(cmyk_to_rgb(&[255, 255, 255, 0], true), vec![0, 0, 0]);
+        assert_eq!(
+            cmyk_to_rgb(&[127, 255, 255, 255], true),
+            vec![127, 255, 255]
+        );
+        // Not inverted (TIFF): 0 = no ink.
+        assert_eq!(cmyk_to_rgb(&[0, 0, 0, 0], false), vec![255, 255, 255]);
+        assert_eq!(cmyk_to_rgb(&[128, 0, 0, 0], false), vec![127, 255, 255]);
     }
 }

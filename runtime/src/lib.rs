@@ -8,12 +8,14 @@
 
 pub mod atomic_file;
 pub mod csv_line;
+pub mod gif_decode;
 pub mod input_preview;
 pub mod jpeg;
 pub mod metadata;
 pub mod metrics;
 pub mod preprocess;
 pub mod resample;
+pub mod tiff_decode;
 
 #[cfg(feature = "onnx")]
 pub mod batch_io;

@@ -62,7 +62,9 @@ pub enum CropMode {
 /// Version of the pixel-producing implementation (decoders, conversion, resampler). Bumped
 /// whenever the same file and [`Preprocessing`] can give different pixels, so caches of
 /// preprocessed data or features (the trainer's) never mix old pixels with new ones.
-/// 2: Pillow 13's resampling pass order (tall images) and PIL's RGB conversion as the default.
+/// - 1: first release.
+/// - 2: Pillow 13's resampling pass order (portraits over 2:1); PIL's RGB conversion as the
+///   default; JPEG-strip, CMYK and palette TIFFs and GIF first frames decoded as Pillow does.
 pub const PREPROCESSING_IMPL_VERSION: u32 = 2;
 
 /// What becomes of transparency when an image is converted to RGB.
@@ -324,6 +326,17 @@ pub fn decode_image_as(
         let mut image = DynamicImage::ImageRgb8(decoded.image);
         orient(&mut image, decoded.orientation);
         return Ok(image.into_rgb8());
+    }
+    if crate::gif_decode::is_gif(bytes) {
+        let image = DynamicImage::ImageRgba8(crate::gif_decode::decode_gif(bytes, limits)?);
+        return Ok(to_rgb8(image, config.alpha, config.sixteen_bit));
+    }
+    if crate::tiff_decode::is_tiff(bytes) {
+        if let Some(decoded) = crate::tiff_decode::decode_tiff(bytes, limits)? {
+            let mut image = DynamicImage::ImageRgb8(decoded.image);
+            orient(&mut image, decoded.orientation);
+            return Ok(image.into_rgb8());
+        }
     }
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
