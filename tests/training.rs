@@ -264,11 +264,23 @@ fn paper_protocol_and_ablation_variants_run_and_are_labelled() {
 
     let mut paper = config(2, Some(&cache));
     paper.protocol = ProtocolConfig::Paper;
+    // An opt-in conversion is recorded with the checkpoint (the exporter copies it into the
+    // model's metadata), so serving converts as training did.
+    paper.conversion.alpha = agiqa_runtime::preprocess::Alpha::OverBlack;
     let summary = job(&model, &data, paper, &out.join("paper"))
         .run()
         .unwrap()
         .finished()
         .unwrap();
+    let (_, meta) = agiqa_trainer::checkpoint::load(&out.join("paper/best")).unwrap();
+    assert_eq!(
+        meta.preprocessing.alpha,
+        agiqa_runtime::preprocess::Alpha::OverBlack
+    );
+    assert_eq!(
+        meta.preprocessing.exif_orientation,
+        agiqa_runtime::preprocess::ExifOrientation::Ignore
+    );
     assert!(
         summary.splits[0].protocol.contains("TEST set"),
         "{}",

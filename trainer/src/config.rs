@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use agiqa_runtime::preprocess::RandomResizedCrop;
+use agiqa_runtime::preprocess::{Alpha, ExifOrientation, Preprocessing, RandomResizedCrop};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{parse_categories, ImageNorm, ModelConfig, Variant};
@@ -23,6 +23,8 @@ pub struct TrainConfig {
     /// Seeds data order, augmentation, dropout and the context initialisation.
     pub seed: u64,
     pub augmentation: AugmentationConfig,
+    /// How decoded images become RGB (PIL's `convert("RGB")` by default).
+    pub conversion: ConversionConfig,
     pub protocol: ProtocolConfig,
     /// Where frozen image features are cached (`None`: no cache, the encoder runs every epoch).
     pub feature_cache: Option<PathBuf>,
@@ -39,6 +41,7 @@ impl Default for TrainConfig {
             batch_size: 32,
             seed: 0,
             augmentation: AugmentationConfig::default(),
+            conversion: ConversionConfig::default(),
             protocol: ProtocolConfig::default(),
             feature_cache: Some(PathBuf::from(".cache/agiqa-features")),
             device: "auto".into(),
@@ -124,6 +127,56 @@ impl Default for AugmentationConfig {
             crop: RandomResizedCrop::default(),
             views: 8,
         }
+    }
+}
+
+/// How decoded images become 8-bit RGB before resizing. The default is PIL's
+/// `Image.open(p).convert("RGB")`, what the reference feeds CLIP; the others are opt-ins that are
+/// recorded in the checkpoint and the exported model, so serving converts the same way.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConversionConfig {
+    pub alpha: Alpha,
+    pub exif_orientation: ExifOrientation,
+}
+
+impl Default for ConversionConfig {
+    fn default() -> Self {
+        let pil = Preprocessing::default();
+        ConversionConfig {
+            alpha: pil.alpha,
+            exif_orientation: pil.exif_orientation,
+        }
+    }
+}
+
+impl ConversionConfig {
+    /// CLIP's preprocessing at `image_size` with this conversion.
+    pub fn preprocessing(&self, image_size: u32) -> Preprocessing {
+        Preprocessing {
+            alpha: self.alpha,
+            exif_orientation: self.exif_orientation,
+            ..Preprocessing::clip(image_size)
+        }
+    }
+}
+
+/// `--alpha`: `drop` (PIL), `over-white` or `over-black`.
+fn parse_alpha(text: &str) -> Result<Alpha, String> {
+    match text {
+        "drop" => Ok(Alpha::Drop),
+        "over-white" => Ok(Alpha::OverWhite),
+        "over-black" => Ok(Alpha::OverBlack),
+        other => Err(format!("{other:?}: use drop, over-white or over-black")),
+    }
+}
+
+/// `--exif-orientation`: `ignore` (PIL) or `apply`.
+fn parse_exif(text: &str) -> Result<ExifOrientation, String> {
+    match text {
+        "ignore" => Ok(ExifOrientation::Ignore),
+        "apply" => Ok(ExifOrientation::Apply),
+        other => Err(format!("{other:?}: use ignore or apply")),
     }
 }
 
@@ -244,6 +297,14 @@ pub struct TrainOverrides {
     /// Run the image encoder every epoch instead of caching features.
     #[arg(long)]
     pub no_cache: bool,
+    /// Transparency: drop (PIL's convert("RGB"), the default), over-white or over-black
+    /// (opt-ins, recorded in the checkpoint and the exported model).
+    #[arg(long, value_parser = parse_alpha)]
+    pub alpha: Option<Alpha>,
+    /// EXIF orientation: ignore (as PIL's convert("RGB"), the default) or apply (opt-in,
+    /// recorded in the checkpoint and the exported model).
+    #[arg(long, value_parser = parse_exif)]
+    pub exif_orientation: Option<ExifOrientation>,
     /// cpu, cuda, cuda:N or auto.
     #[arg(long)]
     pub device: Option<String>,
@@ -332,6 +393,12 @@ impl TrainConfig {
         }
         if o.no_cache {
             c.feature_cache = None;
+        }
+        if let Some(v) = o.alpha {
+            c.conversion.alpha = v;
+        }
+        if let Some(v) = o.exif_orientation {
+            c.conversion.exif_orientation = v;
         }
         if let Some(v) = &o.device {
             c.device = v.clone();
@@ -449,6 +516,20 @@ mod tests {
             ProtocolConfig::Random { repeats: 4, .. }
         ));
         assert_eq!(c.feature_cache, None);
+        assert_eq!(c.conversion, ConversionConfig::default());
+        assert_eq!(c.conversion.preprocessing(224), Preprocessing::clip(224));
+        let opt_in = TrainOverrides {
+            alpha: Some(parse_alpha("over-black").unwrap()),
+            exif_orientation: Some(parse_exif("apply").unwrap()),
+            ..TrainOverrides::default()
+        };
+        let c = TrainConfig::resolve(None, &opt_in).unwrap();
+        let p = c.conversion.preprocessing(224);
+        assert_eq!(
+            (p.alpha, p.exif_orientation),
+            (Alpha::OverBlack, ExifOrientation::Apply)
+        );
+        assert!(parse_alpha("white").is_err());
         let paper_with_repeats = TrainOverrides {
             protocol: Some(ProtocolChoice::Paper),
             repeats: Some(2),

@@ -116,6 +116,7 @@ pub fn evaluate_dataset(
     let features = FeatureExtractor::new(
         loaded.model.clip(),
         &loaded.clip_sha256,
+        loaded.meta.preprocessing.clone(),
         ViewSpec::Center,
         feature_cache,
     )

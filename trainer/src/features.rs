@@ -11,8 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use agiqa_runtime::preprocess::{
-    decode_image_file, CropBox, DecodeLimits, PreprocessError, Preprocessing, Preprocessor,
-    RandomResizedCrop,
+    CropBox, DecodeLimits, PreprocessError, Preprocessing, Preprocessor, RandomResizedCrop,
 };
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -133,14 +132,15 @@ pub struct FeatureExtractor<'a> {
 }
 
 impl<'a> FeatureExtractor<'a> {
-    /// `clip_fingerprint` comes from [`clip_fingerprint`] (computed once by the caller).
+    /// `clip_fingerprint` comes from [`clip_fingerprint`] (computed once by the caller);
+    /// `preprocessing` is the run's (or the checkpoint's) — its image size must be CLIP's.
     pub fn new(
         clip: &'a Clip,
         clip_fingerprint: &str,
+        preprocessing: Preprocessing,
         spec: ViewSpec,
         cache_root: Option<&Path>,
     ) -> Self {
-        let preprocessing = Preprocessing::clip(clip.config().image_resolution() as u32);
         let key = sha256_hex(
             serde_json::json!({
                 "clip": clip_fingerprint,
@@ -317,7 +317,7 @@ fn preprocess_views(
     let tensor_len = preprocessor.config().tensor_len();
     for (k, ((path, hash), wanted)) in paths.iter().zip(hashes).zip(wanted).enumerate() {
         let views = wanted.len();
-        let image = decode_image_file(path, limits)?;
+        let image = preprocessor.decode_file(path, limits)?;
         for (slot_index, &v) in wanted.iter().enumerate() {
             let slot = &mut out
                 [(k * views + slot_index) * tensor_len..(k * views + slot_index + 1) * tensor_len];
@@ -362,7 +362,13 @@ mod tests {
             crop: RandomResizedCrop::default(),
             seed: 5,
         };
-        let extractor = FeatureExtractor::new(&clip, &fp, spec.clone(), Some(&dir.join("cache")));
+        let extractor = FeatureExtractor::new(
+            &clip,
+            &fp,
+            Preprocessing::clip(64),
+            spec.clone(),
+            Some(&dir.join("cache")),
+        );
         let first = extractor.extract(&paths, &mut |_| {}).unwrap();
         assert_eq!(first.size(), [3, 2, 256]);
         // Views differ from each other, and every row is unit length.
@@ -372,7 +378,13 @@ mod tests {
         let norms = first.norm_scalaropt_dim(2, [-1], false);
         assert!(f64::try_from((norms - 1.0).abs().max()).unwrap() < 1e-5);
         // A second extractor finds everything in the cache (same values, no encoding).
-        let again = FeatureExtractor::new(&clip, &fp, spec, Some(&dir.join("cache")));
+        let again = FeatureExtractor::new(
+            &clip,
+            &fp,
+            Preprocessing::clip(64),
+            spec,
+            Some(&dir.join("cache")),
+        );
         let mut calls = Vec::new();
         let second = again.extract(&paths, &mut |n| calls.push(n)).unwrap();
         assert_eq!(calls, vec![3], "everything should come from the cache");

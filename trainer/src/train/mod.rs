@@ -124,8 +124,14 @@ impl TrainJob<'_> {
             .collect();
         let cache = self.config.feature_cache.as_deref();
         let bar = self.progress(paths.len() as u64, "test view");
-        let center = FeatureExtractor::new(self.clip, fingerprint, ViewSpec::Center, cache)
-            .extract(&paths, &mut |n| bar.set_position(n as u64))?;
+        let center = FeatureExtractor::new(
+            self.clip,
+            fingerprint,
+            self.preprocessing(),
+            ViewSpec::Center,
+            cache,
+        )
+        .extract(&paths, &mut |n| bar.set_position(n as u64))?;
         bar.finish();
         let spec = ViewSpec::Augmented {
             views: self.config.augmentation.views,
@@ -136,8 +142,14 @@ impl TrainJob<'_> {
             (false, _) => TrainViews::Cached(center.shallow_clone()),
             (true, Some(_)) => {
                 let bar = self.progress(paths.len() as u64, "train views");
-                let views = FeatureExtractor::new(self.clip, fingerprint, spec, cache)
-                    .extract(&paths, &mut |n| bar.set_position(n as u64))?;
+                let views = FeatureExtractor::new(
+                    self.clip,
+                    fingerprint,
+                    self.preprocessing(),
+                    spec,
+                    cache,
+                )
+                .extract(&paths, &mut |n| bar.set_position(n as u64))?;
                 bar.finish();
                 TrainViews::Cached(views)
             }
@@ -209,7 +221,7 @@ impl TrainJob<'_> {
             clip_config: self.clip.config().clone(),
             clip_source: self.clip_source.clone(),
             clip_sha256: fingerprint.to_string(),
-            preprocessing: Preprocessing::clip(self.clip.config().image_resolution() as u32),
+            preprocessing: self.preprocessing(),
             dataset: self.dataset.name.clone(),
             dimension: self.dataset.dimension.clone(),
             score_scale: self.dataset.scale,
@@ -220,6 +232,12 @@ impl TrainJob<'_> {
             best,
             train_config: self.config.clone(),
         }
+    }
+
+    /// The run's preprocessing: CLIP's at the model's resolution, with the configured conversion.
+    fn preprocessing(&self) -> Preprocessing {
+        let size = self.clip.config().image_resolution() as u32;
+        self.config.conversion.preprocessing(size)
     }
 
     /// The model configuration with the dataset's score scale filled in.
@@ -317,6 +335,7 @@ impl TrainJob<'_> {
             TrainViews::Encoded { spec, .. } => Some(FeatureExtractor::new(
                 self.clip,
                 fingerprint,
+                self.preprocessing(),
                 spec.clone(),
                 None,
             )),
