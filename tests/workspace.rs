@@ -49,6 +49,97 @@ fn runtime_dependency_tree_is_free_of_libtorch() {
     }
 }
 
+/// The normal (non-dev) dependency tree of `agiqa-runtime` with `features` only, one package
+/// per line (`name vX.Y.Z`).
+fn runtime_tree(features: &str) -> String {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let output = Command::new(cargo)
+        .current_dir(workspace_root())
+        .args([
+            "tree",
+            "--offline",
+            "--locked",
+            "-p",
+            "agiqa-runtime",
+            "--no-default-features",
+            "--features",
+            features,
+            "-e",
+            "normal,build",
+            "--prefix",
+            "none",
+        ])
+        .output()
+        .expect("cargo tree runs");
+    assert!(
+        output.status.success(),
+        "cargo tree failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A service that embeds only `Scorer` compiles ONNX Runtime's bindings and tracing, not the
+/// HTTP stack, the CLI or libtorch; the features above it add exactly their own crates.
+#[test]
+fn scorer_feature_alone_has_no_service_cli_or_libtorch_crates() {
+    let has = |tree: &str, name: &str| tree.lines().any(|l| l.starts_with(&format!("{name} v")));
+    let scorer = runtime_tree("scorer");
+    assert!(
+        has(&scorer, "ort"),
+        "scorer should depend on ort:\n{scorer}"
+    );
+    for forbidden in [
+        "tokio",
+        "hyper",
+        "axum",
+        "clap",
+        "indicatif",
+        "glob",
+        "anyhow",
+        "tch",
+        "torch-sys",
+    ] {
+        assert!(
+            !has(&scorer, forbidden),
+            "agiqa-runtime with only `scorer` depends on {forbidden}:\n{scorer}"
+        );
+    }
+    let serve = runtime_tree("serve");
+    assert!(has(&serve, "axum") && has(&serve, "tokio"), "{serve}");
+    assert!(!has(&serve, "clap") && !has(&serve, "indicatif"), "{serve}");
+    let cli = runtime_tree("cli");
+    for needed in ["clap", "indicatif", "glob", "anyhow", "axum"] {
+        assert!(has(&cli, needed), "cli should depend on {needed}:\n{cli}");
+    }
+}
+
+/// The README's Rust example is `runtime/examples/embed.rs` verbatim (CI runs the example and
+/// compiles the README block as a doc-test), so the two cannot drift apart.
+#[test]
+fn readme_rust_example_is_the_embed_example() {
+    let root = workspace_root();
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+    let example =
+        std::fs::read_to_string(root.join("runtime/examples/embed.rs")).expect("embed.rs");
+    let code: String = example
+        .lines()
+        .filter(|l| !l.starts_with("//!"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let block = readme
+        .split("```rust")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("README has a ```rust block");
+    let block = block.lines().skip(1).collect::<Vec<_>>().join("\n");
+    assert_eq!(
+        block.trim(),
+        code.trim(),
+        "README's rust block differs from examples/embed.rs"
+    );
+}
+
 /// The README opens with the two commands that set up and run everything; CI runs the second.
 #[test]
 fn readme_commands_exist_and_ci_runs_the_test_command() {

@@ -4,7 +4,7 @@
 //! It is also the single home of what training and serving must agree on — image
 //! preprocessing ([`preprocess`]), correlation metrics ([`metrics`]) and the model-metadata
 //! schema ([`metadata`]) — so the trainer depends on this crate (without its ONNX Runtime
-//! parts, feature `onnx`) rather than keeping copies that could drift.
+//! parts: no default features) rather than keeping copies that could drift.
 
 pub mod atomic_file;
 pub mod csv_line;
@@ -17,17 +17,22 @@ pub mod preprocess;
 pub mod resample;
 pub mod tiff_decode;
 
-#[cfg(feature = "onnx")]
+#[cfg(feature = "pipeline")]
 pub mod batch_io;
-#[cfg(feature = "onnx")]
+#[cfg(feature = "pipeline")]
 pub mod bench;
-#[cfg(feature = "onnx")]
+#[cfg(feature = "scorer")]
 pub mod onnxruntime;
-#[cfg(feature = "onnx")]
+#[cfg(feature = "pipeline")]
 pub mod pipeline;
-#[cfg(feature = "onnx")]
+#[cfg(feature = "pipeline")]
 pub mod score_files;
-#[cfg(feature = "onnx")]
+#[cfg(feature = "scorer")]
 pub mod scorer;
-#[cfg(feature = "onnx")]
+#[cfg(feature = "serve")]
 pub mod serve;
+
+/// The README's Rust blocks, compiled as doc-tests so that the embedding example stays true.
+#[cfg(all(doctest, feature = "scorer"))]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

@@ -67,6 +67,11 @@ pub trait ScoreObserver {
     /// One image's scores ([`Scorer::head_names`] order) or why it has none, just before its
     /// line is written.
     fn scored(&mut self, _path: &Path, _result: Result<&[f32], &ScoreError>) {}
+    /// Asked after every image: `false` stops the run after the batch in flight (an embedder's
+    /// Ctrl-C); the summary then counts fewer results than images.
+    fn keep_going(&mut self) -> bool {
+        true
+    }
 }
 
 impl ScoreObserver for () {}
@@ -159,7 +164,7 @@ pub fn score_files(
             Ok(scores) => writer.write(&scored.path, Ok(scores)),
             Err(e) => writer.write(&scored.path, Err(&e.to_string())),
         };
-        written.map_err(|e| write_error = Some(e)).is_ok()
+        written.map_err(|e| write_error = Some(e)).is_ok() && observer.keep_going()
     });
     match write_error {
         Some(e) => Err(ScoreFilesError::Write(e)),

@@ -188,6 +188,7 @@ pub struct Scorer {
     provider: ExecutionProvider,
     provider_notes: Vec<String>,
     options: ScorerOptions,
+    graph_description: Option<String>,
 }
 
 impl fmt::Debug for Scorer {
@@ -241,6 +242,7 @@ impl Scorer {
             provider,
             provider_notes: notes,
             options,
+            graph_description: contract.graph_description,
         })
     }
 
@@ -275,6 +277,20 @@ impl Scorer {
     /// The shared preprocessing configured from the model's metadata.
     pub fn preprocessor(&self) -> &Preprocessor {
         &self.preprocessor
+    }
+
+    /// The graph's own description (the exporter writes backbone, heads, input and precision).
+    pub fn graph_description(&self) -> Option<&str> {
+        self.graph_description.as_deref()
+    }
+
+    /// Precision of the image encoder's weights, `fp32` or `fp16`, as the exporter's graph
+    /// description records it (`…, fp16 precision.`); `None` for graphs that do not say.
+    pub fn weight_precision(&self) -> Option<&'static str> {
+        let description = self.graph_description.as_deref()?;
+        ["fp32", "fp16"]
+            .into_iter()
+            .find(|p| description.contains(&format!("{p} precision")))
     }
 
     pub fn options(&self) -> &ScorerOptions {
@@ -638,6 +654,7 @@ struct Contract {
     input: InputKind,
     output_name: &'static str,
     fixed_batch: Option<usize>,
+    graph_description: Option<String>,
 }
 
 fn check_contract(session: &Session, path: &Path) -> Result<Contract, ScoreError> {
@@ -771,6 +788,7 @@ fn check_contract(session: &Session, path: &Path) -> Result<Contract, ScoreError
         input: kind,
         output_name,
         fixed_batch,
+        graph_description: meta.graph_description().filter(|d| !d.is_empty()),
     })
 }
 

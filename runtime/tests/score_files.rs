@@ -54,6 +54,53 @@ fn write_images(dir: &Path) -> (Vec<PathBuf>, usize) {
     (paths, bad.len())
 }
 
+/// Stops after `after` images, as an embedder's Ctrl-C does.
+struct StopAfter {
+    after: usize,
+    seen: usize,
+}
+
+impl ScoreObserver for StopAfter {
+    fn scored(&mut self, _path: &Path, _result: Result<&[f32], &ScoreError>) {
+        self.seen += 1;
+    }
+    fn keep_going(&mut self) -> bool {
+        self.seen < self.after
+    }
+}
+
+#[test]
+fn observer_that_stops_ends_the_run_early_with_what_was_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut paths = Vec::new();
+    for i in 0..40 {
+        let path = dir.path().join(format!("{i}.png"));
+        std::fs::write(&path, &good_images()[1].1).unwrap();
+        paths.push(path);
+    }
+    let out = dir.path().join("scores.jsonl");
+    let mut cpu = cpu_options();
+    cpu.batch_size = 1;
+    let options = ScoreFilesOptions {
+        model: model("mean_f32.onnx"),
+        scorer: cpu,
+        paths: paths.clone(),
+        out: ResultsOut::File {
+            path: out.clone(),
+            resume: false,
+        },
+        format: OutputFormat::Jsonl,
+        workers: Some(1),
+    };
+    let mut stop = StopAfter { after: 3, seen: 0 };
+    let summary = score_files(&options, &mut stop).unwrap();
+    assert_eq!(stop.seen, 3);
+    assert_eq!(summary.stats.scored + summary.stats.failed, 3);
+    assert_eq!(summary.stats.images, paths.len());
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(text.lines().count(), 3, "{text}");
+}
+
 #[test]
 fn observer_summary_and_csv_agree_and_resume_appends_only_new_images() {
     let dir = tempfile::tempdir().unwrap();
