@@ -193,7 +193,7 @@ fn copy_window(
 /// Resizes `src` to `resized` (width, height) with Pillow's BICUBIC and returns only the output
 /// window `(left, top, width, height)` — e.g. the centre crop — computing nothing outside it.
 /// Identical, pixel for pixel, to `src.resize(resized, Image.BICUBIC).crop(window)` in
-/// Pillow 13, pass order included (see [`vertical_first`]).
+/// Pillow 13, pass order included (see `vertical_first`).
 pub fn resize_bicubic_window(
     src: &RgbImage,
     resized: (u32, u32),
