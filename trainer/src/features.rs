@@ -365,7 +365,7 @@ mod tests {
         let extractor = FeatureExtractor::new(
             &clip,
             &fp,
-            Preprocessing::clip(64),
+            Preprocessing::clip(clip.config().image_resolution() as u32),
             spec.clone(),
             Some(&dir.join("cache")),
         );
@@ -381,7 +381,7 @@ mod tests {
         let again = FeatureExtractor::new(
             &clip,
             &fp,
-            Preprocessing::clip(64),
+            Preprocessing::clip(clip.config().image_resolution() as u32),
             spec,
             Some(&dir.join("cache")),
         );
