@@ -222,3 +222,28 @@ fn only_the_checkpoint_module_touches_checkpoint_files() {
         offenders.join("\n")
     );
 }
+
+/// The Python binding is outside the workspace with a lock file of its own: a runtime
+/// dependency added without updating it would break the wheel's `--locked` build in CI.
+#[test]
+fn python_binding_lock_file_is_current() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let output = Command::new(cargo)
+        .current_dir(workspace_root())
+        .args([
+            "metadata",
+            "--offline",
+            "--locked",
+            "--format-version",
+            "1",
+            "--manifest-path",
+            "runtime/python/Cargo.toml",
+        ])
+        .output()
+        .expect("cargo metadata runs");
+    assert!(
+        output.status.success(),
+        "runtime/python/Cargo.lock is out of date (run `cargo metadata --manifest-path runtime/python/Cargo.toml` and commit it): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
