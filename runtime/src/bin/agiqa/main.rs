@@ -117,7 +117,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     options.max_wait = Duration::from_millis(args.max_wait_ms);
     options.queue_capacity = args.queue;
     options.body_limit = args.body_limit;
-    options.request_timeout = Duration::from_secs_f64(args.timeout);
+    options.request_timeout = args.timeout;
     let addr = args.addr;
     tokio::runtime::Runtime::new()
         .context("cannot start the async runtime")?
@@ -132,7 +132,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         providers: args.providers,
         bench: BenchOptions {
             batch_sizes: args.batch_sizes,
-            duration: Duration::from_secs_f64(args.seconds),
+            duration: args.seconds,
             warmup: args.warmup,
             images: collect_inputs(&args.images, &[])?,
             repeat: args.repeat,
