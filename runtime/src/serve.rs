@@ -4,12 +4,16 @@
 //!   `multipart/form-data` with several images → `{"results": [{"name", "scores" | "error"}]}`.
 //! - `GET /health`, `GET /metrics` (Prometheus text).
 //!
-//! Requests decode and preprocess on the blocking pool (the shared preprocessing), then hand
-//! their model inputs to one batcher task through a bounded queue: it takes the first waiting
-//! image, gathers more for at most `max_wait` or until `max_batch`, and runs them as one batch
-//! while the next ones queue. Admission is bounded: at most `queue_capacity` images may be
-//! waiting or being scored, and a request that does not fit answers 503 at once (not an
-//! ever-growing backlog); bodies over the limit get 413; images over the dimension limit 422;
+//! Admission comes before any work, as text-embeddings-inference does it: at most
+//! `queue_capacity` images may be in the service at once (being read, decoded, queued or
+//! scored). A raw body is one image, admitted or refused (503 with `Retry-After`) before a byte
+//! of it is read; multipart parts are admitted one by one as they stream in, and the first part
+//! that finds no room refuses the request without reading or decoding it; a request with more
+//! parts than the service could ever admit gets 413. Admitted images decode on the blocking
+//! pool (a bounded number at a time, a request's parts in parallel), then hand their model
+//! inputs to one batcher task: it takes the first waiting image, gathers more for at most
+//! `max_wait` or until `max_batch`, and runs them as one batch while the next ones queue.
+//! Bodies over the limit get 413; images over the dimension limit 422;
 //! a request that is not answered within the timeout 504. Shutdown (SIGTERM or Ctrl-C) stops
 //! accepting connections and finishes the requests in flight.
 
@@ -22,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -77,7 +81,7 @@ struct AppState {
     scorer: Arc<Scorer>,
     queue: mpsc::Sender<Job>,
     admission: Arc<Semaphore>,
-    decoders: Semaphore,
+    decoders: Arc<Semaphore>,
     options: ServeOptions,
     metrics: Arc<Metrics>,
 }
@@ -103,7 +107,7 @@ pub async fn serve(
         scorer,
         queue,
         admission: Arc::new(Semaphore::new(options.queue_capacity.max(1))),
-        decoders: Semaphore::new(options.decode_concurrency.max(1)),
+        decoders: Arc::new(Semaphore::new(options.decode_concurrency.max(1))),
         options,
         metrics,
     }));
@@ -181,7 +185,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
+        state.metrics.render(state.admitted()),
     )
 }
 
@@ -204,185 +208,248 @@ async fn score(State(state): State<Arc<AppState>>, request: Request) -> Response
 }
 
 async fn score_request(state: &Arc<AppState>, request: Request) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > state.options.body_limit as u64) {
+        return body_too_large(state);
+    }
     let is_multipart = request
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("multipart/form-data"));
-    // Read the whole body first (bounded by the body limit): an oversized request is refused
-    // with 413 before any decoding or queueing.
-    let images: Vec<(String, Bytes)> = if is_multipart {
-        let mut multipart = match Multipart::from_request(request, state).await {
-            Ok(m) => m,
-            Err(rejection) => {
-                return rejection_response(state, rejection.status(), rejection.body_text())
-            }
+    if is_multipart {
+        score_multipart(state, request).await
+    } else {
+        score_raw(state, request).await
+    }
+}
+
+/// A raw body is one image: admitted (or refused with 503) before a byte of it is read.
+async fn score_raw(state: &Arc<AppState>, request: Request) -> Response {
+    let Some(admitted) = admit(state) else {
+        return busy(state);
+    };
+    let bytes = match Bytes::from_request(request, state).await {
+        Ok(bytes) => bytes,
+        Err(rejection) => {
+            return rejection_response(state, rejection.status(), rejection.body_text())
+        }
+    };
+    match score_one(Arc::clone(state), bytes, admitted).await {
+        Ok(scores) => Json(json!({ "scores": named(&state.scorer, &scores) })).into_response(),
+        Err((status, message)) => error(status, message),
+    }
+}
+
+/// Multipart: each part is admitted as it arrives, before its bytes are read, and decoded on
+/// the pool while the next part streams in. The first part that finds no room refuses the
+/// whole request (503); what was not admitted is never read or decoded.
+async fn score_multipart(state: &Arc<AppState>, request: Request) -> Response {
+    let mut multipart = match Multipart::from_request(request, state).await {
+        Ok(m) => m,
+        Err(rejection) => {
+            return rejection_response(state, rejection.status(), rejection.body_text())
+        }
+    };
+    // Dropping the set (a refusal, a timeout, a client gone) aborts the parts in flight.
+    let mut parts = tokio::task::JoinSet::new();
+    let mut names = Vec::new();
+    loop {
+        let mut field = match multipart.next_field().await {
+            Ok(Some(field)) => field,
+            Ok(None) => break,
+            Err(e) => return rejection_response(state, e.status(), e.body_text()),
         };
-        let mut images = Vec::new();
+        let capacity = state.options.queue_capacity.max(1);
+        if names.len() == capacity {
+            state.metrics.error("too_many_images");
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "more than {capacity} images in one request: the service admits at most \
+                     {capacity} at once; send them in smaller requests"
+                ),
+            );
+        }
+        let Some(admitted) = admit(state) else {
+            return busy(state);
+        };
+        let name = field
+            .file_name()
+            .or(field.name())
+            .map_or_else(|| format!("image{}", names.len()), str::to_string);
+        let mut bytes = Vec::new();
         loop {
-            match multipart.next_field().await {
-                Ok(Some(field)) => {
-                    let name = field
-                        .file_name()
-                        .or(field.name())
-                        .map_or_else(|| format!("image{}", images.len()), str::to_string);
-                    match field.bytes().await {
-                        Ok(bytes) => images.push((name, bytes)),
-                        Err(e) => return rejection_response(state, e.status(), e.body_text()),
-                    }
-                }
+            match field.chunk().await {
+                Ok(Some(chunk)) => bytes.extend_from_slice(&chunk),
                 Ok(None) => break,
                 Err(e) => return rejection_response(state, e.status(), e.body_text()),
             }
         }
-        if images.is_empty() {
-            return error(StatusCode::BAD_REQUEST, "multipart body has no parts");
-        }
-        images
-    } else {
-        match Bytes::from_request(request, state).await {
-            Ok(bytes) => vec![("body".to_string(), bytes)],
-            Err(rejection) => {
-                return rejection_response(state, rejection.status(), rejection.body_text())
-            }
-        }
-    };
-
-    let mut prepared = Vec::with_capacity(images.len());
-    for (name, bytes) in images {
-        prepared.push((name, decode(state, bytes).await));
+        let index = names.len();
+        names.push(name);
+        let state = Arc::clone(state);
+        parts.spawn(async move { (index, score_one(state, Bytes::from(bytes), admitted).await) });
     }
-    let ready = prepared.iter().filter(|(_, p)| p.is_ok()).count();
-    // Admission: all of a request's images are admitted, or none and the answer is 503.
-    let mut admitted = if ready == 0 {
-        None
-    } else {
-        match Arc::clone(&state.admission).try_acquire_many_owned(ready as u32) {
-            Ok(permits) => Some(permits),
-            Err(_) => {
-                state.metrics.error("queue_full");
+    if names.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "multipart body has no parts");
+    }
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; names.len()];
+    while let Some(joined) = parts.join_next().await {
+        match joined {
+            Ok((index, outcome)) => outcomes[index] = Some(outcome),
+            Err(e) => {
+                state.metrics.error("panic");
                 return error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "server busy: scoring queue is full, retry later",
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("scoring a part crashed: {e}"),
                 );
             }
         }
-    };
-    let mut pending = Vec::with_capacity(prepared.len());
-    for (name, input) in prepared {
-        let slot = match input {
-            Ok(input) => admitted
-                .as_mut()
-                .and_then(|p| {
-                    if p.num_permits() > 1 {
-                        p.split(1)
-                    } else {
-                        None
-                    }
-                })
-                .or_else(|| admitted.take())
-                .map(|slot| (input, slot)),
-            Err(e) => {
-                pending.push((name, Err(e)));
-                continue;
-            }
-        };
-        let Some((input, slot)) = slot else {
-            pending.push((
-                name,
-                Err((
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "admission miscount".to_string(),
-                )),
-            ));
-            continue;
-        };
-        let (reply, answer) = oneshot::channel();
-        state.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
-        let job = Job {
-            input,
-            reply,
-            _admitted: slot,
-        };
-        // Never waits: the channel holds as many jobs as there are admission slots.
-        if state.queue.send(job).await.is_err() {
-            state.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
-        }
-        pending.push((name, Ok(answer)));
     }
-    let heads = state.scorer.head_names();
-    let mut results = Vec::with_capacity(pending.len());
-    for (name, outcome) in pending {
-        let outcome = match outcome {
-            Ok(answer) => match answer.await {
-                Ok(Ok(scores)) => Ok(scores),
-                Ok(Err(e)) => Err((StatusCode::INTERNAL_SERVER_ERROR, e)),
-                Err(_) => Err((StatusCode::SERVICE_UNAVAILABLE, "shutting down".to_string())),
-            },
-            Err(e) => Err(e),
-        };
-        results.push((name, outcome));
-    }
-    let named = |scores: &[f32]| -> Value {
-        let map: Map<String, Value> = heads
-            .iter()
-            .zip(scores)
-            .map(|(h, s)| (h.to_string(), json!(s)))
-            .collect();
-        Value::Object(map)
-    };
-    if !is_multipart {
-        let (_, outcome) = results.remove(0);
-        return match outcome {
-            Ok(scores) => Json(json!({ "scores": named(&scores) })).into_response(),
-            Err((status, message)) => error(status, message),
-        };
-    }
-    let body: Vec<Value> = results
+    let body: Vec<Value> = names
         .iter()
+        .zip(outcomes)
         .map(|(name, outcome)| match outcome {
-            Ok(scores) => json!({ "name": name, "scores": named(scores) }),
-            Err((_, message)) => json!({ "name": name, "error": message }),
+            Some(Ok(scores)) => json!({ "name": name, "scores": named(&state.scorer, &scores) }),
+            Some(Err((_, message))) => json!({ "name": name, "error": message }),
+            None => json!({ "name": name, "error": "not scored" }),
         })
         .collect();
     Json(json!({ "results": body })).into_response()
 }
 
+/// `{head: score}` for one image.
+fn named(scorer: &Scorer, scores: &[f32]) -> Value {
+    let map: Map<String, Value> = scorer
+        .head_names()
+        .iter()
+        .zip(scores)
+        .map(|(h, s)| (h.to_string(), json!(s)))
+        .collect();
+    Value::Object(map)
+}
+
+/// One admission slot, if one is free.
+fn admit(state: &AppState) -> Option<OwnedSemaphorePermit> {
+    Arc::clone(&state.admission).try_acquire_owned().ok()
+}
+
+/// The 503 for a request that found no admission slot, with a `Retry-After` from the backlog.
+fn busy(state: &AppState) -> Response {
+    state.metrics.error("queue_full");
+    let retry_after = state.retry_after_seconds();
+    let mut response = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("server busy: scoring queue is full, retry in {retry_after} s"),
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+    response
+}
+
+impl AppState {
+    /// Images admitted and not yet answered (reading, decoding, queued or in inference).
+    fn admitted(&self) -> usize {
+        self.options
+            .queue_capacity
+            .max(1)
+            .saturating_sub(self.admission.available_permits())
+    }
+
+    /// Seconds until the admitted backlog is likely scored: its batches at the mean batch
+    /// time so far (1 s before any batch has run), at least 1 and at most 60.
+    fn retry_after_seconds(&self) -> u64 {
+        let batches = self
+            .admitted()
+            .div_ceil(self.options.max_batch.max(1))
+            .max(1);
+        let per_batch = self.metrics.inference.mean().unwrap_or(1.0);
+        ((batches as f64 * per_batch).ceil() as u64).clamp(1, 60)
+    }
+}
+
+/// One image's scores, or the status and reason it was not scored.
+type Outcome = Result<Vec<f32>, (StatusCode, String)>;
+
+/// Decodes one admitted image on the decode pool and scores it in the next batch; the
+/// admission slot is held until its batch is done.
+async fn score_one(state: Arc<AppState>, bytes: Bytes, admitted: OwnedSemaphorePermit) -> Outcome {
+    let (input, admitted) = decode(&state, bytes, admitted).await?;
+    let (reply, answer) = oneshot::channel();
+    state.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
+    let job = Job {
+        input,
+        reply,
+        _admitted: admitted,
+    };
+    // Never waits: the channel holds as many jobs as there are admission slots.
+    if state.queue.send(job).await.is_err() {
+        state.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+    }
+    match answer.await {
+        Ok(Ok(scores)) => Ok(scores),
+        Ok(Err(e)) => Err((StatusCode::INTERNAL_SERVER_ERROR, e)),
+        Err(_) => Err((StatusCode::SERVICE_UNAVAILABLE, "shutting down".to_string())),
+    }
+}
+
+fn body_too_large(state: &AppState) -> Response {
+    state.metrics.error("body_too_large");
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!(
+            "request body over the limit of {} bytes",
+            state.options.body_limit
+        ),
+    )
+}
+
 fn rejection_response(state: &AppState, status: StatusCode, text: String) -> Response {
     if status == StatusCode::PAYLOAD_TOO_LARGE {
-        state.metrics.error("body_too_large");
-        return error(
-            status,
-            format!(
-                "request body over the limit of {} bytes",
-                state.options.body_limit
-            ),
-        );
+        return body_too_large(state);
     }
     state.metrics.error("bad_request");
     error(status, text)
 }
 
-/// Decodes and preprocesses on the blocking pool, a bounded number at a time.
-async fn decode(state: &Arc<AppState>, bytes: Bytes) -> Result<ModelInput, (StatusCode, String)> {
-    let _permit = state
-        .decoders
-        .acquire()
+/// Decodes and preprocesses on the blocking pool, a bounded number at a time. The admission
+/// slot travels with the work, so a request abandoned mid-decode still holds it until the
+/// decoder is done (the backlog stays bounded).
+async fn decode(
+    state: &Arc<AppState>,
+    bytes: Bytes,
+    admitted: OwnedSemaphorePermit,
+) -> Result<(ModelInput, OwnedSemaphorePermit), (StatusCode, String)> {
+    let decoder = Arc::clone(&state.decoders)
+        .acquire_owned()
         .await
         .map_err(|_| (StatusCode::SERVICE_UNAVAILABLE, "shutting down".to_string()))?;
     let scorer = Arc::clone(&state.scorer);
-    let result = tokio::task::spawn_blocking(move || scorer.prepare_bytes(&bytes)).await;
+    let result = tokio::task::spawn_blocking(move || {
+        let _decoder = decoder;
+        (scorer.prepare_bytes(&bytes), admitted)
+    })
+    .await;
     match result {
-        Ok(Ok(input)) => Ok(input),
-        Ok(Err(e)) => {
+        Ok((Ok(input), admitted)) => Ok((input, admitted)),
+        Ok((Err(e), _)) => {
             state.metrics.error("bad_image");
             state.metrics.images_failed.fetch_add(1, Ordering::Relaxed);
             Err((StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))
         }
-        Err(e) => Err((
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("decoder crashed: {e}"),
-        )),
+        Err(e) => {
+            state.metrics.error("panic");
+            Err((
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("decoder crashed: {e}"),
+            ))
+        }
     }
 }
 
@@ -470,6 +537,12 @@ impl Histogram {
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The mean observation, once there is one.
+    fn mean(&self) -> Option<f64> {
+        let count = self.count.load(Ordering::Relaxed);
+        (count > 0).then(|| self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6 / count as f64)
+    }
+
     fn render(&self, name: &str, help: &str, out: &mut String) {
         use std::fmt::Write;
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
@@ -549,7 +622,8 @@ impl Metrics {
         *errors.entry(kind).or_default() += 1;
     }
 
-    fn render(&self) -> String {
+    /// The series in Prometheus text; `admitted` is the admission gauge (owned by the state).
+    fn render(&self, admitted: usize) -> String {
         use std::fmt::Write;
         let mut out = String::new();
         out.push_str("# HELP agiqa_requests_total HTTP requests by path and status.\n# TYPE agiqa_requests_total counter\n");
@@ -580,6 +654,12 @@ impl Metrics {
             "# HELP agiqa_queue_depth Images waiting for inference.\n# TYPE agiqa_queue_depth gauge\n\
              agiqa_queue_depth {}",
             self.queue_depth.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP agiqa_images_admitted Images admitted and not yet answered (reading, \
+             decoding, queued or in inference).\n# TYPE agiqa_images_admitted gauge\n\
+             agiqa_images_admitted {admitted}"
         );
         self.latency.render(
             "agiqa_request_duration_seconds",

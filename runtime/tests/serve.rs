@@ -11,6 +11,8 @@ use agiqa_runtime::scorer::Scorer;
 use agiqa_runtime::serve::{serve, ServeOptions};
 use common::{bad_images, good_images, load};
 use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 struct Server {
@@ -74,6 +76,141 @@ fn metric(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
         .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+/// Polls `/metrics` until `series` reads `value` (a condition, not a sleep of some margin).
+async fn wait_for_metric(client: &reqwest::Client, url: &str, series: &str, value: f64) {
+    for _ in 0..1000 {
+        if metric(&metrics(client, url).await, series) == value {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{series} never reached {value}");
+}
+
+/// Everything the server sends until it closes the connection or goes quiet for 10 s.
+async fn read_response(stream: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => {
+                out.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&out);
+                // A JSON error body is complete once its closing brace is in.
+                if text.contains("\r\n\r\n") && text.trim_end().ends_with('}') {
+                    break;
+                }
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A raw-socket request whose headers declare `length` body bytes, none of them sent yet.
+async fn headers_only(url: &str, content_type: &str, length: usize) -> TcpStream {
+    let mut stream = TcpStream::connect(url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /v1/score HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\n\
+         Content-Length: {length}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_refuses_before_the_body_is_read() {
+    let server = Server::start(load("mean_f32.onnx"), |o| o.queue_capacity = 1).await;
+    let client = reqwest::Client::new();
+    let (_, image) = good_images().remove(0);
+    // The first request takes the only slot as soon as its headers are in, body unsent.
+    let mut first = headers_only(&server.url, "image/jpeg", image.len()).await;
+    wait_for_metric(&client, &server.url, "agiqa_images_admitted", 1.0).await;
+    // The second is refused while its client has not sent (and never sends) its body.
+    let mut second = headers_only(&server.url, "image/jpeg", image.len()).await;
+    let refused = read_response(&mut second).await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(
+        refused.to_ascii_lowercase().contains("retry-after: "),
+        "{refused}"
+    );
+    assert!(refused.contains("queue is full"), "{refused}");
+    // A multipart request is refused at its first part's headers, its bytes never sent.
+    let boundary = "XyZ";
+    let mut third = headers_only(
+        &server.url,
+        &format!("multipart/form-data; boundary={boundary}"),
+        100_000,
+    )
+    .await;
+    third
+        .write_all(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"a\"; \
+                 filename=\"a.jpg\"\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let refused = read_response(&mut third).await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    // The admitted one is scored once its body comes.
+    first.write_all(&image).await.unwrap();
+    let scored = read_response(&mut first).await;
+    assert!(scored.starts_with("HTTP/1.1 200"), "{scored}");
+    assert!(scored.contains("\"quality\""), "{scored}");
+    let text = metrics(&client, &server.url).await;
+    assert_eq!(
+        metric(&text, "agiqa_errors_total{kind=\"queue_full\"}"),
+        2.0
+    );
+    assert_eq!(metric(&text, "agiqa_images_admitted"), 0.0);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_images_than_the_queue_holds_get_413() {
+    let server = Server::start(load("mean_f32.onnx"), |o| o.queue_capacity = 2).await;
+    let client = reqwest::Client::new();
+    let (_, image) = good_images().remove(0);
+    let mut form = reqwest::multipart::Form::new();
+    for name in ["a", "b", "c"] {
+        form = form.part(name, reqwest::multipart::Part::bytes(image.clone()));
+    }
+    let response = client
+        .post(format!("{}/v1/score", server.url))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    let json: Value = response.json().await.unwrap();
+    assert!(
+        json["error"].as_str().unwrap().contains("at most 2"),
+        "{json}"
+    );
+    // Two fit.
+    let form = reqwest::multipart::Form::new()
+        .part("a", reqwest::multipart::Part::bytes(image.clone()))
+        .part("b", reqwest::multipart::Part::bytes(image));
+    let response = client
+        .post(format!("{}/v1/score", server.url))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let text = metrics(&client, &server.url).await;
+    assert_eq!(
+        metric(&text, "agiqa_errors_total{kind=\"too_many_images\"}"),
+        1.0
+    );
+    server.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
