@@ -2,7 +2,13 @@
 //!
 //! - `POST /v1/score`: a raw image body → `{"scores": {"<head>": s, ...}}`; or
 //!   `multipart/form-data` with several images → `{"results": [{"name", "scores" | "error"}]}`.
-//! - `GET /health`, `GET /metrics` (Prometheus text).
+//! - `GET /health` (model description), `GET /live` (the process answers), `GET /ready` (the
+//!   model is warm and the service not draining), `GET /metrics` (Prometheus text).
+//!
+//! Every response carries an `x-request-id` (the client's or a new one), also on its log line.
+//! Slow clients are bounded: headers, bodies and keep-alive idle each have a timeout, open
+//! connections a limit, and what the service closes is counted in `/metrics`. Compressed
+//! bodies (`Content-Encoding`) are refused with 415: their decoded size escapes the body limit.
 //!
 //! Admission comes before any work, as text-embeddings-inference does it: at most
 //! `queue_capacity` images may be in the service at once (being read, decoded, queued or
@@ -20,7 +26,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -52,11 +58,22 @@ pub struct ServeOptions {
     pub request_timeout: Duration,
     /// Images decoded at the same time (decoding is CPU-bound; more only thrashes).
     pub decode_concurrency: usize,
+    /// Longest a client may take to send a request's headers; the connection is closed beyond.
+    pub header_read_timeout: Duration,
+    /// Longest a client may take to send a request's body, from its headers (408 beyond, and
+    /// the connection is closed).
+    pub body_read_timeout: Duration,
+    /// Longest a keep-alive connection may wait for its next request. Hyper also runs the
+    /// header-read timer while it waits, so the smaller of the two applies.
+    pub keep_alive_timeout: Duration,
+    /// Most connections open at once; one beyond is closed as soon as it is accepted.
+    pub max_connections: usize,
 }
 
 impl ServeOptions {
     /// Defaults for a scorer: its batch size, 5 ms wait, 256 queued images, 32 MiB bodies,
-    /// 30 s timeout, one decoder per core.
+    /// 30 s timeout, one decoder per core; 10 s to send headers, 30 s a body, 5 s keep-alive
+    /// idle, 1024 connections.
     pub fn for_scorer(scorer: &Scorer) -> Self {
         ServeOptions {
             max_batch: scorer.batch_size(),
@@ -65,6 +82,10 @@ impl ServeOptions {
             body_limit: 32 << 20,
             request_timeout: Duration::from_secs(30),
             decode_concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            keep_alive_timeout: Duration::from_secs(5),
+            max_connections: 1024,
         }
     }
 }
@@ -84,6 +105,10 @@ struct AppState {
     decoders: Arc<Semaphore>,
     options: ServeOptions,
     metrics: Arc<Metrics>,
+    /// The model has run a warm-up batch.
+    warm: AtomicBool,
+    /// Shutdown has begun: no new connections, requests in flight finish.
+    draining: AtomicBool,
 }
 
 /// Serves until `shutdown` completes, then finishes in-flight requests and returns.
@@ -95,27 +120,198 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let (queue, jobs) = mpsc::channel(options.queue_capacity.max(1));
     let metrics = Arc::new(Metrics::default());
-    // The batcher ends when the last queue sender (held by the router's state) is gone, i.e.
-    // after the server has finished every request.
+    // The batcher ends when the last queue sender (held by the state) is gone, i.e. after the
+    // server has finished every request.
     let batcher = tokio::spawn(run_batcher(
         Arc::clone(&scorer),
         options.clone(),
         Arc::clone(&metrics),
         jobs,
     ));
-    let app = router(Arc::new(AppState {
+    let state = Arc::new(AppState {
         scorer,
         queue,
         admission: Arc::new(Semaphore::new(options.queue_capacity.max(1))),
         decoders: Arc::new(Semaphore::new(options.decode_concurrency.max(1))),
         options,
         metrics,
-    }));
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
+        warm: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
+    });
+    tokio::spawn(warm_up(Arc::clone(&state)));
+    let result = accept_connections(listener, Arc::clone(&state), shutdown).await;
+    drop(state);
     let _ = batcher.await;
     result
+}
+
+/// Runs one batch of a blank image so that the first request does not pay for lazy
+/// initialisation (and TensorRT engine builds); `/ready` answers 200 only after it.
+async fn warm_up(state: Arc<AppState>) {
+    let scorer = Arc::clone(&state.scorer);
+    let outcome = tokio::task::spawn_blocking(move || {
+        let input = scorer.prepare(&image::RgbImage::new(8, 8))?;
+        scorer.run_batch(&[input]).map(|_| ())
+    })
+    .await;
+    match outcome {
+        Ok(Ok(())) => {
+            state.warm.store(true, Ordering::Release);
+            tracing::info!("model warm: ready");
+        }
+        Ok(Err(e)) => tracing::error!(error = %e, "warm-up batch failed: not ready"),
+        Err(e) => tracing::error!(error = %e, "warm-up batch crashed: not ready"),
+    }
+}
+
+/// The accept loop: one task per connection, at most `max_connections` at once, each with the
+/// header-read, body-read and keep-alive limits. On shutdown it stops accepting, asks every
+/// connection to close once its request is answered, and waits for them.
+async fn accept_connections(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = router(Arc::clone(&state));
+    let limit = state
+        .options
+        .max_connections
+        .clamp(1, Semaphore::MAX_PERMITS >> 1);
+    let open = Arc::new(Semaphore::new(limit));
+    let (closing, closing_seen) = tokio::sync::watch::channel(false);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = Arc::clone(&open).try_acquire_owned() else {
+            state.metrics.connection_closed("connection_limit");
+            continue;
+        };
+        let (app, state, closing) = (app.clone(), Arc::clone(&state), closing_seen.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            serve_connection(stream, app, &state, closing).await;
+        });
+    }
+    state.draining.store(true, Ordering::Release);
+    let _ = closing.send(true);
+    drop(app);
+    // Every connection has finished once all the slots are back.
+    let _ = open.acquire_many(limit as u32).await;
+    Ok(())
+}
+
+/// Requests in flight on one connection, and since when it has been idle (after its first
+/// request: a fresh connection is bounded by the header-read timeout).
+#[derive(Default)]
+struct Activity {
+    in_flight: AtomicUsize,
+    idle_since: Mutex<Option<Instant>>,
+}
+
+/// Marks a request in flight until dropped.
+struct Busy(Arc<Activity>);
+
+impl Activity {
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Busy(Arc::clone(self))
+    }
+
+    /// When the keep-alive limit runs out, if the connection is idle now.
+    fn idle_deadline(&self, keep_alive: Duration) -> Option<Instant> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let since = *self.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+        since.map(|t| t + keep_alive)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        *self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    app: Router,
+    state: &AppState,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+) {
+    use hyper::service::Service as _;
+    state
+        .metrics
+        .open_connections
+        .fetch_add(1, Ordering::Relaxed);
+    let activity = Arc::new(Activity::default());
+    let service = {
+        let (service, activity) = (
+            hyper_util::service::TowerToHyperService::new(app),
+            Arc::clone(&activity),
+        );
+        hyper::service::service_fn(move |request| {
+            let busy = activity.begin();
+            let answer = service.call(request);
+            async move {
+                let response = answer.await;
+                drop(busy);
+                response
+            }
+        })
+    };
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(state.options.header_read_timeout)
+        .keep_alive(true);
+    let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    let mut connection = std::pin::pin!(connection);
+    let keep_alive = state.options.keep_alive_timeout;
+    let mut closing_asked = false;
+    let outcome = loop {
+        let idle_deadline = activity.idle_deadline(keep_alive);
+        // Re-checked at least every keep-alive period: a request may start or end meanwhile.
+        let wake = idle_deadline.unwrap_or_else(|| Instant::now() + keep_alive);
+        tokio::select! {
+            outcome = connection.as_mut() => break outcome,
+            _ = closing.changed(), if !closing_asked => {
+                closing_asked = true;
+                connection.as_mut().graceful_shutdown();
+            }
+            () = tokio::time::sleep_until(wake.into()), if !closing_asked => {
+                if activity.idle_deadline(keep_alive).is_some_and(|d| d <= Instant::now()) {
+                    state.metrics.connection_closed("keep_alive_idle");
+                    closing_asked = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    };
+    if let Err(e) = outcome {
+        if e.is_timeout() {
+            state.metrics.connection_closed("header_timeout");
+            tracing::info!("closed a connection that did not send its headers in time");
+        } else {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    }
+    state
+        .metrics
+        .open_connections
+        .fetch_sub(1, Ordering::Relaxed);
 }
 
 /// Binds `addr` and serves until SIGTERM or Ctrl-C.
@@ -156,21 +352,64 @@ fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/score", post(score))
         .route("/health", get(health))
+        .route("/live", get(live))
+        .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(state.options.body_limit))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), observe))
         .with_state(state)
 }
 
-/// Counts every request by path and status, and times it.
+/// Counts every request by path and status, and times it; gives it an `x-request-id` (the
+/// client's, if it sent a usable one) that is on its response and on its log lines.
 async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    use tracing::Instrument as _;
+    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+    let id = request
+        .headers()
+        .get(REQUEST_ID)
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .cloned()
+        .unwrap_or_else(|| {
+            let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+            HeaderValue::from_str(&format!("{:08x}-{n:x}", std::process::id()))
+                .unwrap_or(HeaderValue::from_static("unknown"))
+        });
     let path = request.uri().path().to_string();
+    let method = request.method().clone();
+    let span = tracing::info_span!("request", id = %id.to_str().unwrap_or("?"));
     let start = Instant::now();
-    let response = next.run(request).await;
+    let mut response = next.run(request).instrument(span.clone()).await;
+    let elapsed = start.elapsed();
     state
         .metrics
-        .observe_request(&path, response.status(), start.elapsed());
+        .observe_request(&path, response.status(), elapsed);
+    span.in_scope(|| {
+        tracing::info!(%method, %path, status = response.status().as_u16(),
+            ms = elapsed.as_secs_f64() * 1e3, "answered")
+    });
+    response.headers_mut().insert(REQUEST_ID, id);
     response
+}
+
+/// The request-id header, echoed or assigned.
+const REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
+
+/// Liveness: the process answers (restart it if not).
+async fn live() -> Json<Value> {
+    Json(json!({ "status": "alive" }))
+}
+
+/// Readiness: the model is loaded and warm and the service is not draining (send traffic
+/// elsewhere if not).
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    if state.draining.load(Ordering::Acquire) {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "draining: shutting down");
+    }
+    if !state.warm.load(Ordering::Acquire) {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "warming up the model");
+    }
+    Json(json!({ "status": "ready" })).into_response()
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {
@@ -216,6 +455,20 @@ async fn score_request(state: &Arc<AppState>, request: Request) -> Response {
     if declared.is_some_and(|n| n > state.options.body_limit as u64) {
         return body_too_large(state);
     }
+    // A compressed body's decoded size is not bounded by the body limit (a gzip bomb), so
+    // only identity bodies are accepted; images are compressed already.
+    if let Some(encoding) = request.headers().get(header::CONTENT_ENCODING) {
+        if !encoding.as_bytes().eq_ignore_ascii_case(b"identity") {
+            state.metrics.error("compressed_body");
+            return error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!(
+                    "Content-Encoding {} is not accepted: send the image bytes uncompressed",
+                    String::from_utf8_lossy(encoding.as_bytes())
+                ),
+            );
+        }
+    }
     let is_multipart = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -233,11 +486,13 @@ async fn score_raw(state: &Arc<AppState>, request: Request) -> Response {
     let Some(admitted) = admit(state) else {
         return busy(state);
     };
-    let bytes = match Bytes::from_request(request, state).await {
-        Ok(bytes) => bytes,
-        Err(rejection) => {
+    let read = Bytes::from_request(request, state);
+    let bytes = match tokio::time::timeout(state.options.body_read_timeout, read).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(rejection)) => {
             return rejection_response(state, rejection.status(), rejection.body_text())
         }
+        Err(_) => return body_timeout(state),
     };
     match score_one(Arc::clone(state), bytes, admitted).await {
         Ok(scores) => Json(json!({ "scores": named(&state.scorer, &scores) })).into_response(),
@@ -258,11 +513,13 @@ async fn score_multipart(state: &Arc<AppState>, request: Request) -> Response {
     // Dropping the set (a refusal, a timeout, a client gone) aborts the parts in flight.
     let mut parts = tokio::task::JoinSet::new();
     let mut names = Vec::new();
+    let body_deadline = tokio::time::Instant::now() + state.options.body_read_timeout;
     loop {
-        let mut field = match multipart.next_field().await {
-            Ok(Some(field)) => field,
-            Ok(None) => break,
-            Err(e) => return rejection_response(state, e.status(), e.body_text()),
+        let mut field = match tokio::time::timeout_at(body_deadline, multipart.next_field()).await {
+            Ok(Ok(Some(field))) => field,
+            Ok(Ok(None)) => break,
+            Ok(Err(e)) => return rejection_response(state, e.status(), e.body_text()),
+            Err(_) => return body_timeout(state),
         };
         let capacity = state.options.queue_capacity.max(1);
         if names.len() == capacity {
@@ -284,10 +541,11 @@ async fn score_multipart(state: &Arc<AppState>, request: Request) -> Response {
             .map_or_else(|| format!("image{}", names.len()), str::to_string);
         let mut bytes = Vec::new();
         loop {
-            match field.chunk().await {
-                Ok(Some(chunk)) => bytes.extend_from_slice(&chunk),
-                Ok(None) => break,
-                Err(e) => return rejection_response(state, e.status(), e.body_text()),
+            match tokio::time::timeout_at(body_deadline, field.chunk()).await {
+                Ok(Ok(Some(chunk))) => bytes.extend_from_slice(&chunk),
+                Ok(Ok(None)) => break,
+                Ok(Err(e)) => return rejection_response(state, e.status(), e.body_text()),
+                Err(_) => return body_timeout(state),
             }
         }
         let index = names.len();
@@ -397,6 +655,23 @@ async fn score_one(state: Arc<AppState>, bytes: Bytes, admitted: OwnedSemaphoreP
         Ok(Err(e)) => Err((StatusCode::INTERNAL_SERVER_ERROR, e)),
         Err(_) => Err((StatusCode::SERVICE_UNAVAILABLE, "shutting down".to_string())),
     }
+}
+
+/// 408 for a body not sent within the body-read timeout; the connection is closed after it.
+fn body_timeout(state: &AppState) -> Response {
+    state.metrics.error("body_timeout");
+    state.metrics.connection_closed("body_timeout");
+    let mut response = error(
+        StatusCode::REQUEST_TIMEOUT,
+        format!(
+            "request body not received within {} s",
+            state.options.body_read_timeout.as_secs_f64()
+        ),
+    );
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 fn body_too_large(state: &AppState) -> Response {
@@ -574,6 +849,9 @@ struct Metrics {
     images_scored: AtomicU64,
     images_failed: AtomicU64,
     queue_depth: AtomicUsize,
+    /// Connections the service closed, by reason (slow headers, idle keep-alive, the limit).
+    connections_closed: Mutex<BTreeMap<&'static str, u64>>,
+    open_connections: AtomicUsize,
 }
 
 impl Default for Metrics {
@@ -591,6 +869,8 @@ impl Default for Metrics {
             images_scored: AtomicU64::new(0),
             images_failed: AtomicU64::new(0),
             queue_depth: AtomicUsize::new(0),
+            connections_closed: Mutex::default(),
+            open_connections: AtomicUsize::new(0),
         }
     }
 }
@@ -599,7 +879,7 @@ impl Metrics {
     fn observe_request(&self, path: &str, status: StatusCode, elapsed: Duration) {
         // Unknown paths share one label so that scanners cannot grow the series without bound.
         let path = match path {
-            "/v1/score" | "/health" | "/metrics" => path,
+            "/v1/score" | "/health" | "/live" | "/ready" | "/metrics" => path,
             _ => "other",
         };
         let mut requests = self.requests.lock().unwrap_or_else(|e| e.into_inner());
@@ -615,6 +895,14 @@ impl Metrics {
     fn observe_batch(&self, size: usize, elapsed: Duration) {
         self.batch_size.observe(size as f64);
         self.inference.observe(elapsed.as_secs_f64());
+    }
+
+    fn connection_closed(&self, reason: &'static str) {
+        let mut closed = self
+            .connections_closed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *closed.entry(reason).or_default() += 1;
     }
 
     fn error(&self, kind: &'static str) {
@@ -660,6 +948,24 @@ impl Metrics {
             "# HELP agiqa_images_admitted Images admitted and not yet answered (reading, \
              decoding, queued or in inference).\n# TYPE agiqa_images_admitted gauge\n\
              agiqa_images_admitted {admitted}"
+        );
+        out.push_str("# HELP agiqa_connections_closed_total Connections the service closed, by reason.\n# TYPE agiqa_connections_closed_total counter\n");
+        for (reason, n) in self
+            .connections_closed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "agiqa_connections_closed_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP agiqa_connections_open Open client connections.\n# TYPE agiqa_connections_open gauge\n\
+             agiqa_connections_open {}",
+            self.open_connections.load(Ordering::Relaxed)
         );
         self.latency.render(
             "agiqa_request_duration_seconds",

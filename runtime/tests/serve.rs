@@ -459,3 +459,180 @@ async fn shutdown_finishes_requests_in_flight() {
     // And the server is gone.
     assert!(client.get(format!("{url}/health")).send().await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_a_header_is_closed_after_the_header_timeout_and_counted() {
+    let server = Server::start(load("mean_f32.onnx"), |o| {
+        o.header_read_timeout = Duration::from_millis(200);
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let mut stalled = TcpStream::connect(server.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    stalled
+        .write_all(b"POST /v1/score HTTP/1.1\r\nHost: te")
+        .await
+        .unwrap();
+    // The server closes it (EOF), well before this 10 s guard; nothing is answered.
+    let mut buf = [0u8; 256];
+    let read = tokio::time::timeout(Duration::from_secs(10), stalled.read(&mut buf))
+        .await
+        .expect("the server closes a stalled header");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    wait_for_metric(
+        &client,
+        &server.url,
+        "agiqa_connections_closed_total{reason=\"header_timeout\"}",
+        1.0,
+    )
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_body_gets_408_and_is_counted() {
+    let server = Server::start(load("mean_f32.onnx"), |o| {
+        o.body_read_timeout = Duration::from_millis(200);
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let mut stalled = headers_only(&server.url, "image/png", 1000).await;
+    stalled.write_all(b"\x89PNG").await.unwrap();
+    let answer = read_response(&mut stalled).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("not received within"), "{answer}");
+    let text = metrics(&client, &server.url).await;
+    assert_eq!(
+        metric(
+            &text,
+            "agiqa_connections_closed_total{reason=\"body_timeout\"}"
+        ),
+        1.0
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_are_closed_and_counted() {
+    let server = Server::start(load("mean_f32.onnx"), |o| {
+        o.keep_alive_timeout = Duration::from_millis(200);
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let mut idle = TcpStream::connect(server.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    idle.write_all(b"GET /live HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_response(&mut idle).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Then nothing: the server closes the idle connection.
+    let mut buf = [0u8; 256];
+    let read = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut buf))
+        .await
+        .expect("the server closes an idle keep-alive connection");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    wait_for_metric(
+        &client,
+        &server.url,
+        "agiqa_connections_closed_total{reason=\"keep_alive_idle\"}",
+        1.0,
+    )
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_are_closed_and_counted() {
+    let server = Server::start(load("mean_f32.onnx"), |o| o.max_connections = 1).await;
+    // The one allowed connection, kept open.
+    let mut first = TcpStream::connect(server.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    first
+        .write_all(b"GET /live HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_response(&mut first).await.starts_with("HTTP/1.1 200"));
+    // A second is closed unanswered.
+    let mut second = TcpStream::connect(server.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let _ = second
+        .write_all(b"GET /live HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await;
+    assert_eq!(read_response(&mut second).await, "");
+    // The first still works, and the refusal is counted.
+    first
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = Vec::new();
+    let mut buf = [0u8; 8192];
+    while !String::from_utf8_lossy(&text).contains("agiqa_connections_open") {
+        let n = tokio::time::timeout(Duration::from_secs(10), first.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0);
+        text.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&text);
+    assert!(
+        text.contains("agiqa_connections_closed_total{reason=\"connection_limit\"} 1"),
+        "{text}"
+    );
+    drop(first);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_ready_request_ids_and_compressed_bodies() {
+    let server = Server::start(load("mean_f32.onnx"), |_| {}).await;
+    let client = reqwest::Client::new();
+    let live = client
+        .get(format!("{}/live", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(live.status(), 200);
+    assert!(live.headers().contains_key("x-request-id"));
+    // Ready once the warm-up batch has run (a condition, polled).
+    let mut ready = 0;
+    for _ in 0..1000 {
+        ready = client
+            .get(format!("{}/ready", server.url))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if ready == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(ready, 200);
+    // A client's request id is echoed; a compressed body is refused.
+    let (_, image) = good_images().remove(0);
+    let response = client
+        .post(format!("{}/v1/score", server.url))
+        .header("x-request-id", "abc-123")
+        .header("content-encoding", "gzip")
+        .body(image)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 415);
+    assert_eq!(response.headers()["x-request-id"], "abc-123");
+    let json: Value = response.json().await.unwrap();
+    assert!(json["error"].as_str().unwrap().contains("gzip"), "{json}");
+    let text = metrics(&client, &server.url).await;
+    assert_eq!(
+        metric(&text, "agiqa_errors_total{kind=\"compressed_body\"}"),
+        1.0
+    );
+    server.shutdown().await;
+}

@@ -61,7 +61,7 @@ pub enum Command {
     /// Score image files, folders (recursively), glob patterns or list files; one result line
     /// per image, written and flushed as it arrives. Exits non-zero if any image failed.
     Score(ScoreArgs),
-    /// Serve scores over HTTP: POST /v1/score, GET /health, GET /metrics.
+    /// Serve scores over HTTP: POST /v1/score, GET /health, /live, /ready, /metrics.
     Serve(ServeArgs),
     /// Measure model-only throughput and latency per batch size on synthetic tensors, and
     /// end-to-end throughput from image files.
@@ -208,6 +208,18 @@ pub struct ServeArgs {
     /// Request timeout in seconds, above 0 and at most a day (504 beyond).
     #[arg(long, default_value = "30", value_parser = positive_seconds)]
     pub timeout: Duration,
+    /// Seconds a client may take to send a request's headers; slower connections are closed.
+    #[arg(long, default_value = "10", value_parser = positive_seconds)]
+    pub header_timeout: Duration,
+    /// Seconds a client may take to send a request's body (408 and the connection closed).
+    #[arg(long, default_value = "30", value_parser = positive_seconds)]
+    pub body_timeout: Duration,
+    /// Seconds an idle keep-alive connection is kept open for its next request.
+    #[arg(long, default_value = "5", value_parser = positive_seconds)]
+    pub keep_alive: Duration,
+    /// Most client connections open at once; more are closed when accepted.
+    #[arg(long, default_value_t = 1024, value_parser = count(1, 1 << 20))]
+    pub max_connections: usize,
 }
 
 #[derive(Args)]

@@ -118,6 +118,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     options.queue_capacity = args.queue;
     options.body_limit = args.body_limit;
     options.request_timeout = args.timeout;
+    options.header_read_timeout = args.header_timeout;
+    options.body_read_timeout = args.body_timeout;
+    options.keep_alive_timeout = args.keep_alive;
+    options.max_connections = args.max_connections;
     let addr = args.addr;
     tokio::runtime::Runtime::new()
         .context("cannot start the async runtime")?
