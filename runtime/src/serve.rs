@@ -68,6 +68,22 @@ pub struct ServeOptions {
     pub keep_alive_timeout: Duration,
     /// Most connections open at once; one beyond is closed as soon as it is accepted.
     pub max_connections: usize,
+    /// Faults injected into decoding and inference, for tests of how the service contains
+    /// them; `None` in service.
+    #[doc(hidden)]
+    pub faults: Option<Arc<dyn Faults>>,
+}
+
+/// Where tests inject failures (see [`ServeOptions::faults`]); each hook runs on the thread
+/// that does the work, so a panic in it is a panic in that work.
+#[doc(hidden)]
+pub trait Faults: Send + Sync + std::fmt::Debug {
+    /// Before an image's bytes are decoded.
+    fn before_decode(&self, _bytes: &[u8]) {}
+    /// Before a batch of `size` images runs; an error fails the batch as ONNX Runtime would.
+    fn before_inference(&self, _size: usize) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 impl ServeOptions {
@@ -86,6 +102,7 @@ impl ServeOptions {
             body_read_timeout: Duration::from_secs(30),
             keep_alive_timeout: Duration::from_secs(5),
             max_connections: 1024,
+            faults: None,
         }
     }
 }
@@ -561,7 +578,7 @@ async fn score_multipart(state: &Arc<AppState>, request: Request) -> Response {
         match joined {
             Ok((index, outcome)) => outcomes[index] = Some(outcome),
             Err(e) => {
-                state.metrics.error("panic");
+                state.metrics.error("part_panic");
                 return error(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     format!("scoring a part crashed: {e}"),
@@ -706,8 +723,14 @@ async fn decode(
         .await
         .map_err(|_| (StatusCode::SERVICE_UNAVAILABLE, "shutting down".to_string()))?;
     let scorer = Arc::clone(&state.scorer);
+    let faults = state.options.faults.clone();
+    // A panic here unwinds the blocking thread only (tokio starts another for the next job),
+    // releasing the decoder and admission slots it holds.
     let result = tokio::task::spawn_blocking(move || {
         let _decoder = decoder;
+        if let Some(faults) = &faults {
+            faults.before_decode(&bytes);
+        }
         (scorer.prepare_bytes(&bytes), admitted)
     })
     .await;
@@ -719,10 +742,13 @@ async fn decode(
             Err((StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))
         }
         Err(e) => {
-            state.metrics.error("panic");
+            state.metrics.error("decode_panic");
+            state.metrics.images_failed.fetch_add(1, Ordering::Relaxed);
+            let reason = panic_reason(e);
+            tracing::error!(%reason, "decoding crashed");
             Err((
                 StatusCode::INTERNAL_SERVER_ERROR,
-                format!("decoder crashed: {e}"),
+                format!("decoding crashed: {reason}"),
             ))
         }
     }
@@ -761,25 +787,57 @@ async fn run_batcher(
         let scorer = Arc::clone(&scorer);
         let start = Instant::now();
         let n = inputs.len();
-        let outcome = tokio::task::spawn_blocking(move || scorer.run_batch(&inputs))
-            .await
-            .map_err(|e| format!("inference crashed: {e}"))
-            .and_then(|r| r.map_err(|e: ScoreError| e.to_string()));
+        let faults = options.faults.clone();
+        // A failure (or a panic, which unwinds only this blocking thread) fails this batch's
+        // images with the reason; the batcher goes on with the next batch.
+        let outcome = tokio::task::spawn_blocking(move || {
+            if let Some(faults) = &faults {
+                faults.before_inference(inputs.len())?;
+            }
+            scorer
+                .run_batch(&inputs)
+                .map_err(|e: ScoreError| e.to_string())
+        })
+        .await;
         metrics.observe_batch(n, start.elapsed());
-        match outcome {
-            Ok(scores) => {
+        let failure = match outcome {
+            Ok(Ok(scores)) if scores.len() == n => {
                 metrics.images_scored.fetch_add(n as u64, Ordering::Relaxed);
                 for (reply, s) in replies.into_iter().zip(scores) {
                     let _ = reply.send(Ok(s));
                 }
+                continue;
             }
-            Err(message) => {
+            Ok(Ok(scores)) => {
                 metrics.error("inference");
-                for reply in replies {
-                    let _ = reply.send(Err(message.clone()));
-                }
+                format!("inference failed: {} scores for {n} images", scores.len())
             }
+            Ok(Err(message)) => {
+                metrics.error("inference");
+                format!("inference failed: {message}")
+            }
+            Err(e) => {
+                metrics.error("inference_panic");
+                format!("inference crashed: {}", panic_reason(e))
+            }
+        };
+        tracing::error!(images = n, reason = %failure, "batch failed");
+        metrics.images_failed.fetch_add(n as u64, Ordering::Relaxed);
+        for reply in replies {
+            let _ = reply.send(Err(failure.clone()));
         }
+    }
+}
+
+/// The message a panicking blocking task left, if it was text.
+fn panic_reason(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(payload) => payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_string()),
+        Err(e) => e.to_string(),
     }
 }
 

@@ -636,3 +636,117 @@ async fn live_ready_request_ids_and_compressed_bodies() {
     );
     server.shutdown().await;
 }
+
+/// Fails or panics the next inference batch on request, and panics decoding `PANIC…` bodies.
+#[derive(Debug, Default)]
+struct Injected {
+    fail_next_batch: std::sync::atomic::AtomicBool,
+    panic_next_batch: std::sync::atomic::AtomicBool,
+}
+
+impl agiqa_runtime::serve::Faults for Injected {
+    fn before_decode(&self, bytes: &[u8]) {
+        if bytes.starts_with(b"PANIC") {
+            panic!("injected decode panic");
+        }
+    }
+
+    fn before_inference(&self, _size: usize) -> Result<(), String> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.panic_next_batch.swap(false, SeqCst) {
+            panic!("injected inference panic");
+        }
+        if self.fail_next_batch.swap(false, SeqCst) {
+            return Err("injected failure".to_string());
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inference_failures_and_panics_fail_only_their_batch() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let faults = Arc::new(Injected::default());
+    let server = Server::start(load("mean_f32.onnx"), |o| {
+        o.max_wait = Duration::ZERO;
+        o.faults = Some(faults.clone());
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let (_, image) = good_images().remove(0);
+    let score = |body: Vec<u8>| {
+        let (client, url) = (client.clone(), server.url.clone());
+        async move {
+            let response = post_raw(&client, &url, body).await;
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, json) = score(image.clone()).await;
+    assert_eq!(status, 200, "{json}");
+    // A failed batch: its request gets 500 with the reason; the next one is scored.
+    faults.fail_next_batch.store(true, SeqCst);
+    let (status, json) = score(image.clone()).await;
+    assert_eq!(status, 500, "{json}");
+    assert!(
+        json["error"].as_str().unwrap().contains("injected failure"),
+        "{json}"
+    );
+    assert_eq!(score(image.clone()).await.0, 200);
+    // A panicking batch likewise.
+    faults.panic_next_batch.store(true, SeqCst);
+    let (status, json) = score(image.clone()).await;
+    assert_eq!(status, 500, "{json}");
+    assert!(
+        json["error"]
+            .as_str()
+            .unwrap()
+            .contains("injected inference panic"),
+        "{json}"
+    );
+    assert_eq!(score(image.clone()).await.0, 200);
+    // A panic while decoding: that image gets 500, its multipart neighbour is scored.
+    let (status, json) = score(b"PANIC".to_vec()).await;
+    assert_eq!(status, 500, "{json}");
+    assert!(
+        json["error"]
+            .as_str()
+            .unwrap()
+            .contains("injected decode panic"),
+        "{json}"
+    );
+    let form = reqwest::multipart::Form::new()
+        .part("bad", reqwest::multipart::Part::bytes(b"PANIC!".to_vec()))
+        .part("good", reqwest::multipart::Part::bytes(image.clone()));
+    let json: Value = client
+        .post(format!("{}/v1/score", server.url))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let results = json["results"].as_array().unwrap();
+    assert!(
+        results[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("decode panic"),
+        "{json}"
+    );
+    assert!(results[1]["scores"]["quality"].is_f64(), "{json}");
+    assert_eq!(score(image).await.0, 200);
+    let text = metrics(&client, &server.url).await;
+    assert_eq!(metric(&text, "agiqa_errors_total{kind=\"inference\"}"), 1.0);
+    assert_eq!(
+        metric(&text, "agiqa_errors_total{kind=\"inference_panic\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&text, "agiqa_errors_total{kind=\"decode_panic\"}"),
+        2.0
+    );
+    assert_eq!(metric(&text, "agiqa_images_admitted"), 0.0);
+    server.shutdown().await;
+}
