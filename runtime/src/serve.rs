@@ -80,6 +80,8 @@ pub struct ServeOptions {
 pub trait Faults: Send + Sync + std::fmt::Debug {
     /// Before an image's bytes are decoded.
     fn before_decode(&self, _bytes: &[u8]) {}
+    /// In the batcher task, when it has gathered a batch of `size` images.
+    fn batch_formed(&self, _size: usize) {}
     /// Before a batch of `size` images runs; an error fails the batch as ONNX Runtime would.
     fn before_inference(&self, _size: usize) -> Result<(), String> {
         Ok(())
@@ -139,7 +141,7 @@ pub async fn serve(
     let metrics = Arc::new(Metrics::default());
     // The batcher ends when the last queue sender (held by the state) is gone, i.e. after the
     // server has finished every request.
-    let batcher = tokio::spawn(run_batcher(
+    let batcher = tokio::spawn(supervise_batcher(
         Arc::clone(&scorer),
         options.clone(),
         Arc::clone(&metrics),
@@ -670,7 +672,14 @@ async fn score_one(state: Arc<AppState>, bytes: Bytes, admitted: OwnedSemaphoreP
     match answer.await {
         Ok(Ok(scores)) => Ok(scores),
         Ok(Err(e)) => Err((StatusCode::INTERNAL_SERVER_ERROR, e)),
-        Err(_) => Err((StatusCode::SERVICE_UNAVAILABLE, "shutting down".to_string())),
+        Err(_) if state.draining.load(Ordering::Acquire) => {
+            Err((StatusCode::SERVICE_UNAVAILABLE, "shutting down".to_string()))
+        }
+        // The batcher dropped the job: it crashed with this image in hand (and was restarted).
+        Err(_) => Err((
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the batcher crashed while this image was in its batch; retry".to_string(),
+        )),
     }
 }
 
@@ -754,12 +763,40 @@ async fn decode(
     }
 }
 
+/// Runs the batcher, and starts a new one on the same queue if it panics (the images in its
+/// hands are answered 500 when their jobs drop); returns when the queue is closed.
+async fn supervise_batcher(
+    scorer: Arc<Scorer>,
+    options: ServeOptions,
+    metrics: Arc<Metrics>,
+    jobs: mpsc::Receiver<Job>,
+) {
+    // Behind a lock only so that the queue outlives a batcher that panicked while holding it.
+    let jobs = Arc::new(tokio::sync::Mutex::new(jobs));
+    loop {
+        let batcher = tokio::spawn(run_batcher(
+            Arc::clone(&scorer),
+            options.clone(),
+            Arc::clone(&metrics),
+            Arc::clone(&jobs),
+        ));
+        match batcher.await {
+            Ok(()) => return,
+            Err(e) => {
+                metrics.error("batcher_panic");
+                tracing::error!(reason = %panic_reason(e), "the batcher crashed; restarting it");
+            }
+        }
+    }
+}
+
 async fn run_batcher(
     scorer: Arc<Scorer>,
     options: ServeOptions,
     metrics: Arc<Metrics>,
-    mut jobs: mpsc::Receiver<Job>,
+    jobs: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
 ) {
+    let mut jobs = jobs.lock().await;
     let max_batch = options.max_batch.clamp(1, scorer.batch_size());
     let take = || {
         metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
@@ -776,6 +813,9 @@ async fn run_batcher(
                 }
                 Ok(None) | Err(_) => break,
             }
+        }
+        if let Some(faults) = &options.faults {
+            faults.batch_formed(batch.len());
         }
         // Requests that already timed out or hung up need no inference.
         batch.retain(|job| !job.reply.is_closed());

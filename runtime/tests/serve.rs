@@ -642,12 +642,22 @@ async fn live_ready_request_ids_and_compressed_bodies() {
 struct Injected {
     fail_next_batch: std::sync::atomic::AtomicBool,
     panic_next_batch: std::sync::atomic::AtomicBool,
+    panic_batcher: std::sync::atomic::AtomicBool,
 }
 
 impl agiqa_runtime::serve::Faults for Injected {
     fn before_decode(&self, bytes: &[u8]) {
         if bytes.starts_with(b"PANIC") {
             panic!("injected decode panic");
+        }
+    }
+
+    fn batch_formed(&self, _size: usize) {
+        if self
+            .panic_batcher
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            panic!("injected batcher panic");
         }
     }
 
@@ -664,7 +674,7 @@ impl agiqa_runtime::serve::Faults for Injected {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn inference_failures_and_panics_fail_only_their_batch() {
+async fn inference_failures_and_panics_fail_only_their_batch_and_the_batcher_restarts() {
     use std::sync::atomic::Ordering::SeqCst;
     let faults = Arc::new(Injected::default());
     let server = Server::start(load("mean_f32.onnx"), |o| {
@@ -736,8 +746,21 @@ async fn inference_failures_and_panics_fail_only_their_batch() {
         "{json}"
     );
     assert!(results[1]["scores"]["quality"].is_f64(), "{json}");
+    assert_eq!(score(image.clone()).await.0, 200);
+    // The batcher itself panics with the image in hand: 500, and a new batcher scores on.
+    faults.panic_batcher.store(true, SeqCst);
+    let (status, json) = score(image.clone()).await;
+    assert_eq!(status, 500, "{json}");
+    assert!(
+        json["error"].as_str().unwrap().contains("batcher crashed"),
+        "{json}"
+    );
     assert_eq!(score(image).await.0, 200);
     let text = metrics(&client, &server.url).await;
+    assert_eq!(
+        metric(&text, "agiqa_errors_total{kind=\"batcher_panic\"}"),
+        1.0
+    );
     assert_eq!(metric(&text, "agiqa_errors_total{kind=\"inference\"}"), 1.0);
     assert_eq!(
         metric(&text, "agiqa_errors_total{kind=\"inference_panic\"}"),
