@@ -68,6 +68,9 @@ pub struct ServeOptions {
     pub keep_alive_timeout: Duration,
     /// Most connections open at once; one beyond is closed as soon as it is accepted.
     pub max_connections: usize,
+    /// After the shutdown signal, how long the service keeps serving while `/ready` answers
+    /// 503, so that load balancers stop sending before connections close.
+    pub drain_grace: Duration,
     /// Faults injected into decoding and inference, for tests of how the service contains
     /// them; `None` in service.
     #[doc(hidden)]
@@ -104,6 +107,7 @@ impl ServeOptions {
             body_read_timeout: Duration::from_secs(30),
             keep_alive_timeout: Duration::from_secs(5),
             max_connections: 1024,
+            drain_grace: Duration::ZERO,
             faults: None,
         }
     }
@@ -184,8 +188,9 @@ async fn warm_up(state: Arc<AppState>) {
 }
 
 /// The accept loop: one task per connection, at most `max_connections` at once, each with the
-/// header-read, body-read and keep-alive limits. On shutdown it stops accepting, asks every
-/// connection to close once its request is answered, and waits for them.
+/// header-read, body-read and keep-alive limits. On shutdown it answers `/ready` 503 for the
+/// drain grace, then stops accepting, asks every connection to close once its request is
+/// answered, and waits for them.
 async fn accept_connections(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
@@ -199,9 +204,17 @@ async fn accept_connections(
     let open = Arc::new(Semaphore::new(limit));
     let (closing, closing_seen) = tokio::sync::watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
+    // Set once the shutdown signal came: not ready from then on, closing at this instant.
+    let mut close_at: Option<tokio::time::Instant> = None;
     loop {
         let stream = tokio::select! {
-            () = &mut shutdown => break,
+            () = &mut shutdown, if close_at.is_none() => {
+                state.draining.store(true, Ordering::Release);
+                close_at = Some(tokio::time::Instant::now() + state.options.drain_grace);
+                continue;
+            }
+            () = tokio::time::sleep_until(close_at.unwrap_or_else(tokio::time::Instant::now)),
+                if close_at.is_some() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {

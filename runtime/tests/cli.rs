@@ -360,6 +360,17 @@ fn numeric_flags_out_of_range_are_clear_errors_not_panics() {
             ],
         ),
         (
+            "serve",
+            &[
+                "--header-timeout=nan",
+                "--body-timeout=-1",
+                "--keep-alive=0",
+                "--max-connections=0",
+                "--drain-grace=-1",
+                "--drain-grace=nan",
+            ],
+        ),
+        (
             "bench",
             &[
                 "--seconds=nan",

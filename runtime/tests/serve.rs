@@ -773,3 +773,48 @@ async fn inference_failures_and_panics_fail_only_their_batch_and_the_batcher_res
     assert_eq!(metric(&text, "agiqa_images_admitted"), 0.0);
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_is_not_ready_but_alive() {
+    let mut server = Server::start(load("mean_f32.onnx"), |o| {
+        o.drain_grace = Duration::from_secs(5);
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let url = server.url.clone();
+    let status = |path: &'static str| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            client
+                .get(format!("{url}{path}"))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .ok()
+        }
+    };
+    for _ in 0..1000 {
+        if status("/ready").await == Some(200) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(status("/ready").await, Some(200), "never warm");
+    let stopped = std::time::Instant::now();
+    let _ = server.stop.take().unwrap().send(());
+    // Within the grace the service still answers, but is no longer ready (polled: the
+    // signal reaches the accept loop asynchronously).
+    let mut ready = None;
+    for _ in 0..100 {
+        ready = status("/ready").await;
+        if ready == Some(503) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(ready, Some(503));
+    assert_eq!(status("/live").await, Some(200));
+    // Both answered within the 5 s grace (the close that follows it also answers 503).
+    assert!(stopped.elapsed() < Duration::from_secs(5));
+    server.shutdown().await;
+}

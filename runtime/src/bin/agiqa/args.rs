@@ -220,6 +220,18 @@ pub struct ServeArgs {
     /// Most client connections open at once; more are closed when accepted.
     #[arg(long, default_value_t = 1024, value_parser = count(1, 1 << 20))]
     pub max_connections: usize,
+    /// Seconds to keep serving after SIGTERM with /ready answering 503 (0: close at once), so
+    /// that load balancers stop sending first.
+    #[arg(long, default_value_t = 0.0, value_parser = grace_seconds)]
+    pub drain_grace: f64,
+}
+
+/// `--drain-grace`: like [`positive_seconds`], but 0 (no grace) is allowed.
+fn grace_seconds(text: &str) -> Result<f64, String> {
+    if text.trim().parse::<f64>() == Ok(0.0) {
+        return Ok(0.0);
+    }
+    positive_seconds(text).map(|d| d.as_secs_f64())
 }
 
 #[derive(Args)]

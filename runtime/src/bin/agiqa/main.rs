@@ -122,6 +122,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     options.body_read_timeout = args.body_timeout;
     options.keep_alive_timeout = args.keep_alive;
     options.max_connections = args.max_connections;
+    options.drain_grace = Duration::from_secs_f64(args.drain_grace);
     let addr = args.addr;
     tokio::runtime::Runtime::new()
         .context("cannot start the async runtime")?
