@@ -818,3 +818,58 @@ async fn draining_is_not_ready_but_alive() {
     assert!(stopped.elapsed() < Duration::from_secs(5));
     server.shutdown().await;
 }
+
+/// Each decode waits (up to 10 s) until `expected` decodes are running at once, and records
+/// whether they were.
+#[derive(Debug)]
+struct Rendezvous {
+    expected: usize,
+    running: std::sync::Mutex<usize>,
+    all_in: std::sync::Condvar,
+    met: std::sync::atomic::AtomicUsize,
+}
+
+impl agiqa_runtime::serve::Faults for Rendezvous {
+    fn before_decode(&self, _bytes: &[u8]) {
+        let mut running = self.running.lock().unwrap();
+        *running += 1;
+        self.all_in.notify_all();
+        let (running, _) = self
+            .all_in
+            .wait_timeout_while(running, Duration::from_secs(10), |n| *n < self.expected)
+            .unwrap();
+        if *running >= self.expected {
+            self.met.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_requests_images_decode_in_parallel() {
+    let rendezvous = Arc::new(Rendezvous {
+        expected: 3,
+        running: std::sync::Mutex::new(0),
+        all_in: std::sync::Condvar::new(),
+        met: std::sync::atomic::AtomicUsize::new(0),
+    });
+    let server = Server::start(load("mean_f32.onnx"), |o| {
+        o.decode_concurrency = 3;
+        o.faults = Some(rendezvous.clone());
+    })
+    .await;
+    let (_, image) = good_images().remove(0);
+    let mut form = reqwest::multipart::Form::new();
+    for name in ["a", "b", "c"] {
+        form = form.part(name, reqwest::multipart::Part::bytes(image.clone()));
+    }
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/score", server.url))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // All three decodes were running at the same time (sequential decoding never meets).
+    assert_eq!(rendezvous.met.load(std::sync::atomic::Ordering::SeqCst), 3);
+    server.shutdown().await;
+}
