@@ -11,7 +11,13 @@ use agiqa_exporter::{
 };
 use agiqa_trainer::device::device_from;
 use anyhow::bail;
+use clap::builder::RangedU64ValueParser;
 use clap::Parser;
+
+/// A count flag's parser: a whole number in `min..=max` (clap's error names the range).
+fn count(min: u64, max: u64) -> RangedU64ValueParser<usize> {
+    RangedU64ValueParser::new().range(min..=max)
+}
 
 #[derive(Parser)]
 #[command(
@@ -40,11 +46,12 @@ struct Args {
     /// Compare the graph (ONNX Runtime) with the trainer's forward; exit non-zero on failure.
     #[arg(long)]
     verify: bool,
-    /// Random input tensors --verify compares (values below 1 count as 1).
-    #[arg(long, default_value_t = 4)]
+    /// Random input tensors --verify compares (1 to 1024).
+    #[arg(long, default_value_t = 4, value_parser = count(1, 1024))]
     verify_random: usize,
-    /// Synthetic images --verify sends through the shared preprocessing and compares (0: none).
-    #[arg(long, default_value_t = 6)]
+    /// Synthetic images --verify sends through the shared preprocessing and compares (0: none,
+    /// at most 1024).
+    #[arg(long, default_value_t = 6, value_parser = count(0, 1024))]
     verify_images: usize,
     /// CLIP weights to use instead of the source each checkpoint records.
     #[arg(long)]
@@ -62,10 +69,10 @@ struct Args {
     #[arg(long, default_value = "clip_agiqa")]
     triton_name: String,
     /// Largest batch Triton's dynamic batcher may form (it prefers 8, 16, 32, 64 up to this).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     triton_max_batch: u32,
     /// Model instances Triton runs side by side.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
     triton_instances: u32,
     /// Where Triton runs the instances.
     #[arg(long, value_enum, default_value = "gpu")]

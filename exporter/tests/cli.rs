@@ -139,3 +139,37 @@ fn a_broken_checkpoint_is_refused_and_nothing_is_written() {
     assert!(stderr.contains("same image encoder weights"), "{stderr}");
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
 }
+
+/// Every numeric flag refuses negative, zero (where meaningless), NaN and absurd values at
+/// parse time: a clap usage error (exit 2) naming the flag, never a panic.
+#[test]
+fn numeric_flags_out_of_range_are_clear_errors_not_panics() {
+    for flag in [
+        "--verify-random=0",
+        "--verify-random=-1",
+        "--verify-random=nan",
+        "--verify-random=1000000000",
+        "--verify-images=-1",
+        "--verify-images=1e9",
+        "--triton-max-batch=0",
+        "--triton-max-batch=-1",
+        "--triton-max-batch=99999999999",
+        "--triton-instances=0",
+        "--triton-instances=nan",
+    ] {
+        let output = export(&[
+            "run/best".as_ref(),
+            "--out".as_ref(),
+            "model.onnx".as_ref(),
+            flag.as_ref(),
+        ]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let name = flag.split('=').next().unwrap();
+        assert_eq!(output.status.code(), Some(2), "{flag}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{flag}: {stderr}");
+        assert!(
+            stderr.contains("invalid value") && stderr.contains(name),
+            "{flag}: {stderr}"
+        );
+    }
+}

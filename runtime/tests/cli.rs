@@ -319,3 +319,91 @@ fn a_model_that_does_not_fit_is_refused_with_its_reason() {
         "{stderr}"
     );
 }
+
+/// Every numeric flag refuses negative, zero (where meaningless), NaN, infinite and absurd
+/// values at parse time: a clap usage error (exit 2) naming the flag, never a panic.
+#[test]
+fn numeric_flags_out_of_range_are_clear_errors_not_panics() {
+    let model = ["--model", "absent.onnx"];
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "serve",
+            &[
+                "--timeout=-1",
+                "--timeout=nan",
+                "--timeout=0",
+                "--timeout=inf",
+                "--timeout=1e300",
+                "--timeout=abc",
+            ],
+        ),
+        (
+            "serve",
+            &[
+                "--queue=0",
+                "--queue=-1",
+                "--queue=99999999999999999999",
+                "--body-limit=0",
+                "--max-wait-ms=-5",
+                "--max-wait-ms=1e9",
+            ],
+        ),
+        (
+            "serve",
+            &[
+                "--batch-size=0",
+                "--sessions=0",
+                "--threads=0",
+                "--device-id=-1",
+                "--max-side=0",
+                "--max-pixels=0",
+            ],
+        ),
+        (
+            "serve",
+            &[
+                "--header-timeout=nan",
+                "--body-timeout=-1",
+                "--keep-alive=0",
+                "--max-connections=0",
+                "--drain-grace=-1",
+                "--drain-grace=nan",
+            ],
+        ),
+        (
+            "bench",
+            &[
+                "--seconds=nan",
+                "--seconds=-1",
+                "--seconds=0",
+                "--seconds=1e300",
+                "--batch-sizes=1,0",
+                "--repeat=0",
+                "--warmup=-1",
+            ],
+        ),
+        ("score", &["--workers=0", "--batch-size=nan"]),
+    ];
+    for (command, flags) in cases {
+        for flag in *flags {
+            let mut args = vec![*command];
+            args.extend(model);
+            args.push(flag);
+            if *command == "score" {
+                args.push("some.png");
+            }
+            let output = agiqa(&args);
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let name = flag.split('=').next().unwrap();
+            assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+            assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+            assert!(
+                stderr.contains("invalid value") && stderr.contains(name),
+                "{args:?}: {stderr}"
+            );
+        }
+    }
+    let output = agiqa(&["preprocess", "--image-size=0", "a.png"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--image-size"));
+}

@@ -2,11 +2,36 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use agiqa_runtime::batch_io::OutputFormat;
 use agiqa_runtime::preprocess::DecodeLimits;
 use agiqa_runtime::scorer::{ExecutionProvider, ScorerOptions};
+use clap::builder::RangedU64ValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// A count flag's parser: a whole number in `min..=max` (clap's error names the range).
+fn count(min: u64, max: u64) -> RangedU64ValueParser<usize> {
+    RangedU64ValueParser::new().range(min..=max)
+}
+
+/// Longest duration a seconds flag accepts: beyond a day is a typo, not a setting.
+const MAX_SECONDS: f64 = 86_400.0;
+
+/// A duration flag's parser: finite seconds in (0, 86400]. `Duration::from_secs_f64` panics on
+/// negative, NaN or huge values, so they are refused here with a message instead.
+pub fn positive_seconds(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of seconds"))?;
+    if !seconds.is_finite() || seconds <= 0.0 || seconds > MAX_SECONDS {
+        return Err(format!(
+            "`{text}` seconds is out of range: give a finite number above 0 and at most {MAX_SECONDS}"
+        ));
+    }
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("`{text}` seconds: {e}"))
+}
 
 #[derive(Parser)]
 #[command(
@@ -36,7 +61,7 @@ pub enum Command {
     /// Score image files, folders (recursively), glob patterns or list files; one result line
     /// per image, written and flushed as it arrives. Exits non-zero if any image failed.
     Score(ScoreArgs),
-    /// Serve scores over HTTP: POST /v1/score, GET /health, GET /metrics.
+    /// Serve scores over HTTP: POST /v1/score, GET /health, /live, /ready, /metrics.
     Serve(ServeArgs),
     /// Measure model-only throughput and latency per batch size on synthetic tensors, and
     /// end-to-end throughput from image files.
@@ -53,13 +78,13 @@ pub struct ModelArgs {
     #[arg(long, env = "AGIQA_PROVIDER", default_value = "auto")]
     pub provider: ExecutionProvider,
     /// ONNX Runtime intra-op threads (default: every core).
-    #[arg(long, env = "AGIQA_THREADS")]
+    #[arg(long, env = "AGIQA_THREADS", value_parser = count(1, 4096))]
     pub threads: Option<usize>,
     /// Most images per inference batch.
-    #[arg(long, env = "AGIQA_BATCH_SIZE", default_value_t = 16)]
+    #[arg(long, env = "AGIQA_BATCH_SIZE", default_value_t = 16, value_parser = count(1, 65_536))]
     pub batch_size: usize,
     /// GPU ordinal for CUDA and TensorRT.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=1023))]
     pub device_id: i32,
     /// TensorRT: build fp16 engines (LayerNorm stays fp32).
     #[arg(long)]
@@ -68,13 +93,15 @@ pub struct ModelArgs {
     #[arg(long)]
     pub trt_cache: Option<PathBuf>,
     /// Independent inference sessions (weights shared); more lets requests run in parallel.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = count(1, 256))]
     pub sessions: usize,
     /// Largest accepted image width or height, in pixels.
-    #[arg(long, default_value_t = DecodeLimits::default().max_side)]
+    #[arg(long, default_value_t = DecodeLimits::default().max_side,
+          value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
     pub max_side: u32,
     /// Largest accepted image area, in pixels.
-    #[arg(long, default_value_t = DecodeLimits::default().max_pixels)]
+    #[arg(long, default_value_t = DecodeLimits::default().max_pixels,
+          value_parser = clap::value_parser!(u64).range(1..=1 << 40))]
     pub max_pixels: u64,
     /// Path to libonnxruntime.so (default: ORT_DYLIB_PATH, beside this binary, .deps/lib).
     #[arg(long)]
@@ -112,7 +139,7 @@ pub struct PreprocessArgs {
     #[arg(long, default_value = ".")]
     pub out_dir: PathBuf,
     /// Side of the square model input.
-    #[arg(long, default_value_t = 224)]
+    #[arg(long, default_value_t = 224, value_parser = clap::value_parser!(u32).range(1..=16_384))]
     pub image_size: u32,
 }
 
@@ -143,7 +170,7 @@ pub struct ScoreArgs {
     #[arg(long, requires = "out")]
     pub resume: bool,
     /// Decode/preprocess threads (default: every core).
-    #[arg(long)]
+    #[arg(long, value_parser = count(1, 4096))]
     pub workers: Option<usize>,
     /// No progress bar.
     #[arg(long)]
@@ -170,17 +197,41 @@ pub struct ServeArgs {
     #[arg(long, env = "AGIQA_ADDR", default_value = "127.0.0.1:8080")]
     pub addr: SocketAddr,
     /// Longest an image waits for others to fill its batch, in milliseconds.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub max_wait_ms: u64,
     /// Images admitted at once (waiting or in inference); beyond it requests get 503.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = count(1, 1 << 20))]
     pub queue: usize,
     /// Largest request body in bytes (413 beyond).
-    #[arg(long, default_value_t = 32 << 20)]
+    #[arg(long, default_value_t = 32 << 20, value_parser = count(1, 1 << 32))]
     pub body_limit: usize,
-    /// Request timeout in seconds (504 beyond).
-    #[arg(long, default_value_t = 30.0)]
-    pub timeout: f64,
+    /// Request timeout in seconds, above 0 and at most a day (504 beyond).
+    #[arg(long, default_value = "30", value_parser = positive_seconds)]
+    pub timeout: Duration,
+    /// Seconds a client may take to send a request's headers; slower connections are closed.
+    #[arg(long, default_value = "10", value_parser = positive_seconds)]
+    pub header_timeout: Duration,
+    /// Seconds a client may take to send a request's body (408 and the connection closed).
+    #[arg(long, default_value = "30", value_parser = positive_seconds)]
+    pub body_timeout: Duration,
+    /// Seconds an idle keep-alive connection is kept open for its next request.
+    #[arg(long, default_value = "5", value_parser = positive_seconds)]
+    pub keep_alive: Duration,
+    /// Most client connections open at once; more are closed when accepted.
+    #[arg(long, default_value_t = 1024, value_parser = count(1, 1 << 20))]
+    pub max_connections: usize,
+    /// Seconds to keep serving after SIGTERM with /ready answering 503 (0: close at once), so
+    /// that load balancers stop sending first.
+    #[arg(long, default_value_t = 0.0, value_parser = grace_seconds)]
+    pub drain_grace: f64,
+}
+
+/// `--drain-grace`: like [`positive_seconds`], but 0 (no grace) is allowed.
+fn grace_seconds(text: &str) -> Result<f64, String> {
+    if text.trim().parse::<f64>() == Ok(0.0) {
+        return Ok(0.0);
+    }
+    positive_seconds(text).map(|d| d.as_secs_f64())
 }
 
 #[derive(Args)]
@@ -188,19 +239,19 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Batch sizes to measure, comma-separated.
-    #[arg(long, value_delimiter = ',', default_values_t = [1, 8, 32])]
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 8, 32], value_parser = count(1, 65_536))]
     pub batch_sizes: Vec<usize>,
-    /// Seconds measured per batch size.
-    #[arg(long, default_value_t = 3.0)]
-    pub seconds: f64,
+    /// Seconds measured per batch size, above 0 and at most a day.
+    #[arg(long, default_value = "3", value_parser = positive_seconds)]
+    pub seconds: Duration,
     /// Untimed runs before each measurement.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = count(0, 1_000_000))]
     pub warmup: usize,
     /// Images (files, folders, globs) for the end-to-end measurement.
     #[arg(long)]
     pub images: Vec<String>,
     /// Passes over the images end to end.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = count(1, 1_000_000))]
     pub repeat: usize,
     /// Providers to measure, comma-separated (default: --provider).
     #[arg(long, value_delimiter = ',')]

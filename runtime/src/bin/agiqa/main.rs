@@ -117,7 +117,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     options.max_wait = Duration::from_millis(args.max_wait_ms);
     options.queue_capacity = args.queue;
     options.body_limit = args.body_limit;
-    options.request_timeout = Duration::from_secs_f64(args.timeout);
+    options.request_timeout = args.timeout;
+    options.header_read_timeout = args.header_timeout;
+    options.body_read_timeout = args.body_timeout;
+    options.keep_alive_timeout = args.keep_alive;
+    options.max_connections = args.max_connections;
+    options.drain_grace = Duration::from_secs_f64(args.drain_grace);
     let addr = args.addr;
     tokio::runtime::Runtime::new()
         .context("cannot start the async runtime")?
@@ -132,7 +137,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         providers: args.providers,
         bench: BenchOptions {
             batch_sizes: args.batch_sizes,
-            duration: Duration::from_secs_f64(args.seconds),
+            duration: args.seconds,
             warmup: args.warmup,
             images: collect_inputs(&args.images, &[])?,
             repeat: args.repeat,
