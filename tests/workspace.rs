@@ -10,29 +10,8 @@ fn workspace_root() -> &'static Path {
 /// Services embed the runtime: it must never pull libtorch in, whatever features are on.
 #[test]
 fn runtime_dependency_tree_is_free_of_libtorch() {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let output = Command::new(cargo)
-        .current_dir(workspace_root())
-        .args([
-            "tree",
-            "--offline",
-            "--locked",
-            "-p",
-            "agiqa-runtime",
-            "--all-features",
-            "-e",
-            "normal,build",
-            "--prefix",
-            "none",
-        ])
-        .output()
-        .expect("cargo tree runs");
-    assert!(
-        output.status.success(),
-        "cargo tree failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let tree = String::from_utf8_lossy(&output.stdout);
+    // `cli` turns every other feature on.
+    let tree = runtime_tree("cli");
     assert!(
         tree.contains("agiqa-runtime"),
         "unexpected cargo tree output:\n{tree}"
