@@ -194,6 +194,9 @@ async fn more_images_than_the_queue_holds_get_413() {
         json["error"].as_str().unwrap().contains("at most 2"),
         "{json}"
     );
+    // The refused request's two admitted parts are abandoned: their slots come back once
+    // their work is cancelled or finished, which may be just after the 413 was sent.
+    wait_for_metric(&client, &server.url, "agiqa_images_admitted", 0.0).await;
     // Two fit.
     let form = reqwest::multipart::Form::new()
         .part("a", reqwest::multipart::Part::bytes(image.clone()))
