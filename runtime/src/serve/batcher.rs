@@ -20,7 +20,7 @@ pub(super) struct Job {
     /// The request's span, so that the batcher's log lines about this image carry its id.
     span: tracing::Span,
     /// The image's admission slot, given back when its batch is done.
-    _admitted: OwnedSemaphorePermit,
+    admitted: OwnedSemaphorePermit,
 }
 
 /// One image's scores, or the status and reason it was not scored.
@@ -40,7 +40,7 @@ pub(super) async fn score_one(
         input,
         reply,
         span: tracing::Span::current(),
-        _admitted: admitted,
+        admitted,
     };
     // Never waits: the channel holds as many jobs as there are admission slots.
     if state.queue.send(job).await.is_err() {
@@ -165,9 +165,11 @@ async fn run_batcher(
         }
         let mut inputs = Vec::with_capacity(batch.len());
         let mut replies = Vec::with_capacity(batch.len());
+        let mut admitted = Vec::with_capacity(batch.len());
         for job in batch {
             inputs.push(job.input);
             replies.push((job.reply, job.span));
+            admitted.push(job.admitted);
         }
         let scorer = Arc::clone(&scorer);
         let start = Instant::now();
@@ -185,6 +187,9 @@ async fn run_batcher(
         })
         .await;
         metrics.observe_batch(n, start.elapsed());
+        // The batch's slots are free before any of its clients hears back, so a client that
+        // sends its next image on the answer finds room.
+        drop(admitted);
         let failure = match outcome {
             Ok(Ok(scores)) if scores.len() == n => {
                 metrics.images_scored.fetch_add(n as u64, Ordering::Relaxed);
