@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::pipeline::{score_paths, PipelineOptions, PipelineStats};
+use crate::preprocess::JpegDecoding;
 use crate::scorer::{ExecutionProvider, InputKind, ScoreError, Scorer, ScorerOptions, TensorBatch};
 
 /// What to measure.
@@ -62,6 +63,8 @@ pub struct BenchReport {
 pub struct EndToEnd {
     pub batch_size: usize,
     pub workers: usize,
+    /// How JPEGs were decoded (`reduced` only with `--fast-decode`).
+    pub jpeg_decoding: JpegDecoding,
     #[serde(flatten)]
     pub stats: PipelineStats,
 }
@@ -93,6 +96,7 @@ pub fn run(
         Some(EndToEnd {
             batch_size: scorer.batch_size(),
             workers: pipeline.workers,
+            jpeg_decoding: scorer.options().jpeg_decoding,
             stats,
         })
     };

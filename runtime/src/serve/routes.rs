@@ -90,6 +90,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {
         "provider": state.scorer.provider().as_str(),
         "heads": state.scorer.head_names(),
         "backbone": state.scorer.metadata().backbone,
+        "jpeg_decoding": state.scorer.options().jpeg_decoding,
     }))
 }
 
