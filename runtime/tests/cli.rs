@@ -231,6 +231,14 @@ fn bench_reports_json_per_batch_size_and_end_to_end() {
     let e2e = &report["end_to_end"];
     assert_eq!(e2e["scored"], good_images().len());
     assert!(e2e["images_per_second"].as_f64().unwrap() > 0.0);
+    assert_eq!(e2e["jpeg_decoding"], "exact");
+    // Decoding on its own, per core, beside the model's rate; and the CPU's kernel paths.
+    let decode = &report["decode_per_core"];
+    assert!(decode["images"].as_u64().unwrap() >= good_images().len() as u64);
+    assert_eq!(decode["failed"], 0);
+    assert!(decode["images_per_second"].as_f64().unwrap() > 0.0);
+    assert!(decode["cores_to_feed_the_model"].as_f64().unwrap() > 0.0);
+    assert!(report["cpu"]["int8_path"].is_string(), "{}", report["cpu"]);
 }
 
 #[test]
