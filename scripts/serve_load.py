@@ -119,10 +119,11 @@ def abort(writer):
 class Outcome:
     """One request: its status (None when no response came), latency in seconds, and why not."""
 
-    __slots__ = ("status", "seconds", "error", "body")
+    __slots__ = ("status", "seconds", "error", "body", "retry_after")
 
-    def __init__(self, status, seconds, error=None, body=b""):
+    def __init__(self, status, seconds, error=None, body=b"", retry_after=None):
         self.status, self.seconds, self.error, self.body = status, seconds, error, body
+        self.retry_after = retry_after
 
 
 class Client:
@@ -163,7 +164,9 @@ class Client:
                 self.idle.append((reader, writer))
             else:
                 abort(writer)
-            return Outcome(status, time.perf_counter() - start, body=body)
+            retry_after = headers.get("retry-after", "")
+            return Outcome(status, time.perf_counter() - start, body=body,
+                           retry_after=float(retry_after) if retry_after.isdigit() else None)
         raise AssertionError("unreachable")
 
     def close(self):
@@ -236,9 +239,11 @@ def statuses_text(statuses):
 # Load shapes
 
 
-async def closed_loop(port, clients, seconds, max_requests, data, timeout, stop=None):
-    """`clients` clients, each sending the next request when the last one is answered, until
-    `seconds` pass, `max_requests` are sent or `stop` is set."""
+async def closed_loop(port, clients, seconds, max_requests, data, timeout, stop=None,
+                      backoff=False):
+    """`clients` clients, each sending the next request when the last one is answered (after
+    a 503's `Retry-After` with `backoff`), until `seconds` pass, `max_requests` are sent or
+    `stop` is set."""
     outcomes = []
     budget = [max_requests]
     deadline = time.perf_counter() + seconds
@@ -247,7 +252,10 @@ async def closed_loop(port, clients, seconds, max_requests, data, timeout, stop=
     async def worker(client):
         while budget[0] > 0 and time.perf_counter() < deadline and not (stop and stop.is_set()):
             budget[0] -= 1
-            outcomes.append(await client.call(data, timeout))
+            outcome = await client.call(data, timeout)
+            outcomes.append(outcome)
+            if backoff and outcome.status == 503 and outcome.retry_after:
+                await asyncio.sleep(min(outcome.retry_after, deadline - time.perf_counter()))
 
     start = time.perf_counter()
     await asyncio.gather(*(worker(c) for c in pools))
@@ -532,6 +540,8 @@ def parse_args(argv):
             setattr(args, name, short if quick else full)
     if args.queue is None:
         args.queue = args.clients
+    # Long enough to see the server's own 504.
+    args.client_timeout = args.request_timeout + 2
     for name in ("clients", "queue", "slow_sockets", "max_requests"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -543,7 +553,7 @@ def parse_args(argv):
 
 
 async def run(args, server, report, jpeg, flags):
-    phase_timeout = args.request_timeout
+    phase_timeout = args.client_timeout
     score = request_bytes("POST", "/v1/score", jpeg, ["Content-Type: image/jpeg"])
     started = time.perf_counter()
     server.start()
@@ -634,9 +644,9 @@ async def run(args, server, report, jpeg, flags):
 
 async def overload(args, port, report, score, unloaded, held):
     """Open loop at `factor` times the held rate (the benchmark's numbers), then `factor` times
-    the held clients in closed loop (the issue's "128 clients on a queue of 16": a client that
-    gets a 503 sends again at once, so it measures refusing as much as serving)."""
-    factor, timeout = args.overload_factor, args.request_timeout
+    the held clients in closed loop (the crowd of the issue's first report), each waiting a
+    503's `Retry-After` as a well-behaved client does (a binary without it is retried at once)."""
+    factor, timeout = args.overload_factor, args.client_timeout
     rate = held["ok_per_s"] * factor
     outcomes, sending, not_sent, unanswered, retries = await open_loop(
         port, rate, args.seconds, args.max_requests, score, timeout,
@@ -670,7 +680,7 @@ async def overload(args, port, report, score, unloaded, held):
 
     crowd = int(math.ceil(args.clients * factor))
     outcomes, elapsed, _ = await closed_loop(
-        port, crowd, args.seconds, args.max_requests, score, timeout
+        port, crowd, args.seconds, args.max_requests, score, timeout, backoff=True
     )
     over = overload_summary(outcomes, elapsed)
     over["clients"] = crowd
@@ -743,7 +753,7 @@ async def slow_clients(args, server, report, score, flags):
     watchers = [asyncio.create_task(watch(opened, reader)) for opened, reader, _ in sockets]
     stop = asyncio.Event()
     normal = asyncio.create_task(
-        closed_loop(port, 2, window, args.max_requests, score, args.request_timeout, stop)
+        closed_loop(port, 2, window, args.max_requests, score, args.client_timeout, stop)
     )
     done, pending = await asyncio.wait(watchers, timeout=window) if watchers else (set(), set())
     stop.set()
@@ -823,6 +833,11 @@ def main(argv):
               f"(log: {log.name})", file=sys.stderr, flush=True)
         os._exit(124)
 
+    def terminated(*_):
+        server.kill()
+        os._exit(143)
+
+    signal.signal(signal.SIGTERM, terminated)
     watchdog = threading.Timer(args.time_limit, out_of_time)
     watchdog.daemon = True
     watchdog.start()
