@@ -139,6 +139,11 @@ async fn admission_refuses_before_the_body_is_read() {
         "{refused}"
     );
     assert!(refused.contains("queue is full"), "{refused}");
+    // Its body is never read, so the connection closes, and the client is told.
+    assert!(
+        refused.to_ascii_lowercase().contains("connection: close"),
+        "{refused}"
+    );
     // A multipart request is refused at its first part's headers, its bytes never sent.
     let boundary = "XyZ";
     let mut third = headers_only(

@@ -7,7 +7,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::Response;
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::routes::error;
+use super::routes::{closing, error};
 use super::AppState;
 
 /// One admission slot, if one is free.
@@ -15,7 +15,8 @@ pub(super) fn admit(state: &AppState) -> Option<OwnedSemaphorePermit> {
     Arc::clone(&state.admission).try_acquire_owned().ok()
 }
 
-/// The 503 for a request that found no admission slot, with a `Retry-After` from the backlog.
+/// The 503 for a request that found no admission slot, with a `Retry-After` from the backlog;
+/// its body is not read, so the connection closes after it.
 pub(super) fn busy(state: &AppState) -> Response {
     state.metrics.error("queue_full");
     let retry_after = state.retry_after_seconds();
@@ -26,7 +27,7 @@ pub(super) fn busy(state: &AppState) -> Response {
     response
         .headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
-    response
+    closing(response)
 }
 
 impl AppState {

@@ -17,7 +17,7 @@ use tracing::Instrument as _;
 
 use super::admission::busy;
 use super::batcher::{score_one, Outcome};
-use super::routes::{body_timeout, error, named, rejection_response};
+use super::routes::{body_timeout, closing, error, named, rejection_response};
 use super::AppState;
 
 /// One part read in full, with its admission slot.
@@ -158,13 +158,13 @@ fn refusal_response(state: &AppState, refusal: Refusal) -> Response {
     match refusal {
         Refusal::TooManyParts { capacity } => {
             state.metrics.error("too_many_images");
-            error(
+            closing(error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!(
                     "more than {capacity} images in one request: the service admits at most \
                      {capacity} at once; send them in smaller requests"
                 ),
-            )
+            ))
         }
         Refusal::Busy => busy(state),
         Refusal::BodyTimeout => body_timeout(state),
