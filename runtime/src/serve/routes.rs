@@ -156,8 +156,9 @@ async fn score_request(state: &Arc<AppState>, request: Request) -> Response {
 
 /// A raw body is one image: admitted (or refused with 503) before a byte of it is read.
 async fn score_raw(state: &Arc<AppState>, request: Request) -> Response {
-    let Some(admitted) = admit(state) else {
-        return busy(state);
+    let admitted = match admit(state) {
+        Ok(admitted) => admitted,
+        Err(why) => return busy(state, why),
     };
     let read = Bytes::from_request(request, state);
     let bytes = match tokio::time::timeout(state.options.body_read_timeout, read).await {
