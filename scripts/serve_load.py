@@ -240,10 +240,10 @@ def statuses_text(statuses):
 
 
 async def closed_loop(port, clients, seconds, max_requests, data, timeout, stop=None,
-                      backoff=False):
+                      backoff=False, pause_after_503=0.0):
     """`clients` clients, each sending the next request when the last one is answered (after
-    a 503's `Retry-After` with `backoff`), until `seconds` pass, `max_requests` are sent or
-    `stop` is set."""
+    a 503's `Retry-After` with `backoff`, else after `pause_after_503` seconds), until
+    `seconds` pass, `max_requests` are sent or `stop` is set."""
     outcomes = []
     budget = [max_requests]
     deadline = time.perf_counter() + seconds
@@ -256,6 +256,8 @@ async def closed_loop(port, clients, seconds, max_requests, data, timeout, stop=
             outcomes.append(outcome)
             if backoff and outcome.status == 503 and outcome.retry_after:
                 await asyncio.sleep(min(outcome.retry_after, deadline - time.perf_counter()))
+            elif outcome.status == 503 and pause_after_503 > 0:
+                await asyncio.sleep(pause_after_503)
 
     start = time.perf_counter()
     await asyncio.gather(*(worker(c) for c in pools))
@@ -581,9 +583,10 @@ async def run(args, server, report, jpeg, flags):
         f"not all answered 200 or 503 ({statuses_text(unloaded['statuses'])})",
     )
 
-    # 2. Held
+    # 2. Held (a refused client tries again after 20 ms, not in a tight loop of 503s)
     outcomes, elapsed, _ = await closed_loop(
-        port, args.clients, args.seconds, args.max_requests, score, phase_timeout
+        port, args.clients, args.seconds, args.max_requests, score, phase_timeout,
+        pause_after_503=0.02,
     )
     held = summary(outcomes, elapsed)
     report.data["held"] = held
