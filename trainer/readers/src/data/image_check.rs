@@ -1,5 +1,5 @@
 //! The up-front image check of a dataset load: every image exists and, optionally, decodes with
-//! the serving decoder — in parallel on the trainer's worker pool ([`crate::workers`]).
+//! the serving decoder — in parallel on rayon's global pool (the trainer's worker pool, `agiqa_trainer::workers`).
 
 use agiqa_runtime::preprocess::{decode_image_file, DecodeLimits};
 use rayon::prelude::*;

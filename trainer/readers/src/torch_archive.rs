@@ -333,26 +333,48 @@ pub fn read_torch_archive(path: &Path) -> Result<Vec<(String, RawTensor)>, Torch
             path: path.to_path_buf(),
             source,
         })?;
-    if !magic.starts_with(b"PK") {
-        let detail = if magic.is_empty() {
-            "the file is empty".to_string()
-        } else if magic[0] == 0x80 {
-            "it looks like a legacy (pre-1.6, non-zip) torch.save pickle, which is not supported; \
-             re-save it with a current torch.save"
-                .to_string()
-        } else {
-            format!("it starts with bytes {magic:02x?}, not the zip signature 'PK'")
-        };
-        return Err(TorchArchiveError::NotZip {
-            path: path.to_path_buf(),
-            detail,
-        });
+    check_zip_signature(path, &magic)?;
+    read_zip(path, open_zip(path, file)?, file_len)
+}
+
+/// [`read_torch_archive`] on an archive already in memory; `path` only names it in errors.
+pub fn read_torch_archive_bytes(
+    bytes: &[u8],
+    path: &Path,
+) -> Result<Vec<(String, RawTensor)>, TorchArchiveError> {
+    check_zip_signature(path, &bytes[..bytes.len().min(4)])?;
+    let file_len = bytes.len() as u64;
+    read_zip(path, open_zip(path, std::io::Cursor::new(bytes))?, file_len)
+}
+
+/// Fails with a hint at what the file is when its first bytes are not a zip's `PK`.
+fn check_zip_signature(path: &Path, magic: &[u8]) -> Result<(), TorchArchiveError> {
+    if magic.starts_with(b"PK") {
+        return Ok(());
     }
-    let archive = zip::ZipArchive::new(file).map_err(|e| TorchArchiveError::NotZip {
+    let detail = if magic.is_empty() {
+        "the file is empty".to_string()
+    } else if magic[0] == 0x80 {
+        "it looks like a legacy (pre-1.6, non-zip) torch.save pickle, which is not supported; \
+         re-save it with a current torch.save"
+            .to_string()
+    } else {
+        format!("it starts with bytes {magic:02x?}, not the zip signature 'PK'")
+    };
+    Err(TorchArchiveError::NotZip {
+        path: path.to_path_buf(),
+        detail,
+    })
+}
+
+fn open_zip<R: Read + Seek>(
+    path: &Path,
+    reader: R,
+) -> Result<zip::ZipArchive<R>, TorchArchiveError> {
+    zip::ZipArchive::new(reader).map_err(|e| TorchArchiveError::NotZip {
         path: path.to_path_buf(),
         detail: format!("unreadable zip directory (truncated or corrupt?): {e}"),
-    })?;
-    read_zip(path, archive, file_len)
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1627,7 +1649,7 @@ mod tests {
     use std::io::{Cursor, Write};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
+    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
 
     fn fixture(rel: &str) -> PathBuf {
         Path::new(FIXTURES).join(rel)

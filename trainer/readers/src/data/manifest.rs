@@ -11,7 +11,7 @@
 //! - `path` (required): the image, relative to the manifest's folder unless absolute. It is also
 //!   the sample id ([`super::Sample::name`]), so it must be unique.
 //! - `score` or `mos` (required): the MOS.
-//! - `split` (optional): `train`, `val` or `test`; honoured by [`super::split::manifest_split`].
+//! - `split` (optional): `train`, `val` or `test`; honoured by `agiqa_trainer::data::split::manifest_split`.
 //! - `prompt` (optional): groups images for prompt-grouped random splits.
 //! - `dimension` (optional): lets one manifest hold several rated dimensions; only the rows of
 //!   [`super::LoadOptions::dimension`] (default `quality`) are loaded.
@@ -42,16 +42,25 @@ struct RawRow {
 
 /// Loads a `.csv` or `.jsonl` manifest (by extension; anything else is read as CSV).
 pub fn load(file: &Path, options: &LoadOptions) -> Result<(Dataset, ValidationReport), DataError> {
-    let text = read_text(file)?;
-    let scale = declared_scale(&text, file)?;
+    load_text(&read_text(file)?, file, options)
+}
+
+/// [`load`] on a manifest already read into memory: `file` chooses the format (by extension),
+/// the image root (its folder) and names the manifest in errors.
+pub fn load_text(
+    text: &str,
+    file: &Path,
+    options: &LoadOptions,
+) -> Result<(Dataset, ValidationReport), DataError> {
+    let scale = declared_scale(text, file)?;
     let jsonl = file
         .extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| e.eq_ignore_ascii_case("jsonl"));
     let (rows, has_dimension) = if jsonl {
-        read_jsonl(&text, file)?
+        read_jsonl(text, file)?
     } else {
-        read_csv(&text, file)?
+        read_csv(text, file)?
     };
     let dimension = if has_dimension {
         pick_dimension(&rows, file, options)?

@@ -23,6 +23,19 @@ const IMAGE_DIRS: [&str; 3] = ["", "images", "image"];
 
 /// Loads `<dir>/data.csv` and validates every row (see [`super::load_dataset`]).
 pub fn load(dir: &Path, options: &LoadOptions) -> Result<(Dataset, ValidationReport), DataError> {
+    // An unknown dimension fails before the file is read, as it always has.
+    let names: Vec<&str> = DIMENSIONS.iter().map(|d| d.0).collect();
+    choose_dimension("agiqa3k", &names, options)?;
+    let csv_path = dir.join("data.csv");
+    load_table(dir, &read_text(&csv_path)?, options)
+}
+
+/// [`load`] with `<dir>/data.csv` already read into memory as `data_csv`.
+pub fn load_table(
+    dir: &Path,
+    data_csv: &str,
+    options: &LoadOptions,
+) -> Result<(Dataset, ValidationReport), DataError> {
     let names: Vec<&str> = DIMENSIONS.iter().map(|d| d.0).collect();
     let dimension = choose_dimension("agiqa3k", &names, options)?;
     let column_name = DIMENSIONS
@@ -30,9 +43,8 @@ pub fn load(dir: &Path, options: &LoadOptions) -> Result<(Dataset, ValidationRep
         .find(|d| d.0 == dimension)
         .map(|d| d.1)
         .unwrap_or(DIMENSIONS[0].1);
-
     let csv_path = dir.join("data.csv");
-    let table = parse_csv(&read_text(&csv_path)?, &csv_path, false)?;
+    let table = parse_csv(data_csv, &csv_path, false)?;
     let columns = table.require(&csv_path, &["name", column_name])?;
     let (name_col, mos_col) = (columns[0], columns[1]);
     let prompt_col = table.column("prompt");
