@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::cpu_features::CpuFeatures;
 use crate::pipeline::{score_paths, PipelineOptions, PipelineStats};
+use crate::preprocess::JpegDecoding;
 use crate::scorer::{ExecutionProvider, InputKind, ScoreError, Scorer, ScorerOptions, TensorBatch};
 
 /// What to measure.
@@ -53,8 +55,24 @@ pub struct BenchReport {
     pub input: InputKind,
     pub image_size: u32,
     pub threads: Option<usize>,
+    /// The CPU and the kernel paths ONNX Runtime takes on it.
+    pub cpu: CpuFeatures,
     pub model_only: Vec<ModelOnly>,
+    /// Decoding and preprocessing alone, on one core (with images).
+    pub decode_per_core: Option<DecodeRate>,
     pub end_to_end: Option<EndToEnd>,
+}
+
+/// Decode + preprocess on one thread, the images' bytes already in memory, so that the rate
+/// a core can feed compares directly with the model's rate.
+#[derive(Clone, Debug, Serialize)]
+pub struct DecodeRate {
+    pub images: usize,
+    pub failed: usize,
+    pub seconds: f64,
+    pub images_per_second: f64,
+    /// How many cores decoding would need to keep up with the best model-only rate measured.
+    pub cores_to_feed_the_model: f64,
 }
 
 /// End-to-end result: files → decode → preprocess → batches → scores.
@@ -62,6 +80,8 @@ pub struct BenchReport {
 pub struct EndToEnd {
     pub batch_size: usize,
     pub workers: usize,
+    /// How JPEGs were decoded (`reduced` only with `--fast-decode`).
+    pub jpeg_decoding: JpegDecoding,
     #[serde(flatten)]
     pub stats: PipelineStats,
 }
@@ -77,6 +97,12 @@ pub fn run(
     for &n in &options.batch_sizes {
         model_only.push(model_only_one(scorer, n.max(1), options)?);
     }
+    let best_model_rate = model_only
+        .iter()
+        .map(|m| m.images_per_second)
+        .fold(0.0, f64::max);
+    let decode_per_core = (!options.images.is_empty())
+        .then(|| decode_rate(scorer, &options.images, options.duration, best_model_rate));
     let end_to_end = if options.images.is_empty() {
         None
     } else {
@@ -93,6 +119,7 @@ pub fn run(
         Some(EndToEnd {
             batch_size: scorer.batch_size(),
             workers: pipeline.workers,
+            jpeg_decoding: scorer.options().jpeg_decoding,
             stats,
         })
     };
@@ -104,7 +131,9 @@ pub fn run(
         input: scorer.input_kind(),
         image_size: scorer.preprocessor().config().image_size,
         threads: scorer.options().threads,
+        cpu: CpuFeatures::detect(),
         model_only,
+        decode_per_core,
         end_to_end,
     })
 }
@@ -231,6 +260,51 @@ fn run_provider(
         .map_err(|source| BenchError::Run { provider, source })
 }
 
+/// Decodes and preprocesses the images on this thread, whole passes until `budget` has passed
+/// (at least one pass); unreadable files are counted as failed and not timed again.
+fn decode_rate(
+    scorer: &Scorer,
+    images: &[PathBuf],
+    budget: Duration,
+    best_model_rate: f64,
+) -> DecodeRate {
+    let files: Vec<Vec<u8>> = images
+        .iter()
+        .filter_map(|p| std::fs::read(p).ok())
+        .collect();
+    let unreadable = images.len() - files.len();
+    let mut decoded = 0usize;
+    let mut failed = unreadable;
+    let start = Instant::now();
+    loop {
+        for bytes in &files {
+            match scorer.prepare_bytes(bytes) {
+                Ok(input) => {
+                    std::hint::black_box(input);
+                    decoded += 1;
+                }
+                Err(_) => failed += 1,
+            }
+        }
+        if files.is_empty() || start.elapsed() >= budget {
+            break;
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let images_per_second = decoded as f64 / seconds.max(1e-9);
+    DecodeRate {
+        images: decoded,
+        failed,
+        seconds,
+        images_per_second,
+        cores_to_feed_the_model: if images_per_second > 0.0 {
+            best_model_rate / images_per_second
+        } else {
+            f64::INFINITY
+        },
+    }
+}
+
 fn model_only_one(
     scorer: &Scorer,
     n: usize,
@@ -307,6 +381,7 @@ pub fn render_table(report: &BenchReport) -> String {
     for note in &report.provider_notes {
         let _ = writeln!(out, "  note: {note}");
     }
+    let _ = writeln!(out, "  cpu: {}", report.cpu.summary());
     let _ = writeln!(
         out,
         "{:>6} {:>7} {:>11} {:>9} {:>9} {:>9}",
@@ -322,6 +397,14 @@ pub fn render_table(report: &BenchReport) -> String {
             m.latency_ms.p50,
             m.latency_ms.p95,
             m.latency_ms.p99
+        );
+    }
+    if let Some(d) = &report.decode_per_core {
+        let _ = writeln!(
+            out,
+            "decode + preprocess on one core: {:.1} images/s ({} images, {} failed); \
+             the best model-only rate needs {:.1} such cores",
+            d.images_per_second, d.images, d.failed, d.cores_to_feed_the_model
         );
     }
     if let Some(e) = &report.end_to_end {

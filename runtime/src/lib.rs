@@ -7,6 +7,7 @@
 //! parts: no default features) rather than keeping copies that could drift.
 
 pub mod atomic_file;
+pub mod cpu_features;
 pub mod csv_line;
 pub mod gif_decode;
 pub mod input_preview;

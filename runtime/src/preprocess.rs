@@ -213,6 +213,29 @@ impl Preprocessing {
     }
 }
 
+/// How JPEGs are decoded at run time. A scoring option, not part of a model's contract.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JpegDecoding {
+    /// Full size, Pillow's pixels exactly.
+    #[default]
+    Exact,
+    /// Large JPEGs decoded at a reduced size by libjpeg's DCT scaling: the smallest `M/8` whose
+    /// short side stays at least twice the model input. Faster, but the pixels (and so the
+    /// scores) differ slightly from training's; opt-in only.
+    Reduced,
+}
+
+impl JpegDecoding {
+    /// `exact` or `reduced`, as results and reports record it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JpegDecoding::Exact => "exact",
+            JpegDecoding::Reduced => "reduced",
+        }
+    }
+}
+
 /// Limits that protect a decoder from hostile input (decompression bombs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DecodeLimits {
@@ -313,6 +336,16 @@ pub fn decode_image_as(
     limits: &DecodeLimits,
     config: &Preprocessing,
 ) -> Result<RgbImage, PreprocessError> {
+    decode_image_with(bytes, limits, config, JpegDecoding::Exact)
+}
+
+/// [`decode_image_as`] with a choice of JPEG decoding (see [`JpegDecoding::Reduced`]).
+pub fn decode_image_with(
+    bytes: &[u8],
+    limits: &DecodeLimits,
+    config: &Preprocessing,
+    jpeg: JpegDecoding,
+) -> Result<RgbImage, PreprocessError> {
     if bytes.is_empty() {
         return Err(PreprocessError::Empty);
     }
@@ -322,7 +355,11 @@ pub fn decode_image_as(
         }
     };
     if crate::jpeg::is_jpeg(bytes) {
-        let decoded = crate::jpeg::decode_jpeg(bytes, limits)?;
+        let min_short_side = match jpeg {
+            JpegDecoding::Exact => None,
+            JpegDecoding::Reduced => Some(config.image_size.saturating_mul(2)),
+        };
+        let decoded = crate::jpeg::decode_jpeg_reduced(bytes, limits, min_short_side)?;
         let mut image = DynamicImage::ImageRgb8(decoded.image);
         orient(&mut image, decoded.orientation);
         return Ok(image.into_rgb8());
@@ -575,6 +612,16 @@ impl Preprocessor {
     /// Encoded bytes → 8-bit RGB with this model's conversion rules.
     pub fn decode(&self, bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, PreprocessError> {
         decode_image_as(bytes, limits, &self.config)
+    }
+
+    /// [`Preprocessor::decode`] with a choice of JPEG decoding.
+    pub fn decode_with(
+        &self,
+        bytes: &[u8],
+        limits: &DecodeLimits,
+        jpeg: JpegDecoding,
+    ) -> Result<RgbImage, PreprocessError> {
+        decode_image_with(bytes, limits, &self.config, jpeg)
     }
 
     /// Image file → 8-bit RGB with this model's conversion rules; errors name the file.

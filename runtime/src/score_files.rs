@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::batch_io::{recorded_paths, OutputFormat, ResultWriter};
 use crate::pipeline::{score_paths, PipelineOptions, PipelineStats};
+use crate::preprocess::JpegDecoding;
 use crate::scorer::{ScoreError, Scorer, ScorerOptions};
 
 /// Where the result lines go.
@@ -50,6 +51,8 @@ pub struct ScoreFilesOptions {
 pub struct ScoreSummary {
     /// Images skipped because the result file already recorded them (resume).
     pub skipped: usize,
+    /// How JPEGs were decoded (`reduced`: opt-in fast decoding, not the training pixels).
+    pub jpeg_decoding: JpegDecoding,
     /// The images of this run: how many, scored, failed, batches, seconds, images per second.
     #[serde(flatten)]
     pub stats: PipelineStats,
@@ -168,6 +171,10 @@ pub fn score_files(
     });
     match write_error {
         Some(e) => Err(ScoreFilesError::Write(e)),
-        None => Ok(ScoreSummary { skipped, stats }),
+        None => Ok(ScoreSummary {
+            skipped,
+            jpeg_decoding: scorer.options().jpeg_decoding,
+            stats,
+        }),
     }
 }

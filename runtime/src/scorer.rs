@@ -26,7 +26,7 @@ use crate::metadata::{
     OUTPUT_SCORE, OUTPUT_SCORES,
 };
 use crate::onnxruntime::OrtLibraryError;
-use crate::preprocess::{DecodeLimits, PreprocessError, Preprocessor};
+use crate::preprocess::{DecodeLimits, JpegDecoding, PreprocessError, Preprocessor};
 
 /// Which ONNX Runtime execution provider to run on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,6 +104,9 @@ pub struct ScorerOptions {
     pub intra_op_spinning: bool,
     /// Limits applied when this scorer decodes images (bytes and files).
     pub decode_limits: DecodeLimits,
+    /// Exact JPEG decoding (the default), or reduced-size decoding of large JPEGs: faster,
+    /// scores change slightly (see [`JpegDecoding::Reduced`]).
+    pub jpeg_decoding: JpegDecoding,
     /// Explicit `libonnxruntime` path (else `ORT_DYLIB_PATH`, beside the executable, `.deps/lib`).
     pub ort_lib: Option<PathBuf>,
 }
@@ -120,6 +123,7 @@ impl Default for ScorerOptions {
             sessions: 1,
             intra_op_spinning: true,
             decode_limits: DecodeLimits::default(),
+            jpeg_decoding: JpegDecoding::Exact,
             ort_lib: None,
         }
     }
@@ -326,13 +330,13 @@ impl Scorer {
         }
     }
 
-    /// Encoded bytes → this model's input, with the scorer's decode limits.
+    /// Encoded bytes → this model's input, with the scorer's decode limits and JPEG decoding.
     pub fn prepare_bytes(&self, bytes: &[u8]) -> Result<ModelInput, PreprocessError> {
-        self.prepare(
-            &self
-                .preprocessor
-                .decode(bytes, &self.options.decode_limits)?,
-        )
+        self.prepare(&self.preprocessor.decode_with(
+            bytes,
+            &self.options.decode_limits,
+            self.options.jpeg_decoding,
+        )?)
     }
 
     /// An image file → this model's input; errors name the file.

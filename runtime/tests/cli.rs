@@ -231,6 +231,14 @@ fn bench_reports_json_per_batch_size_and_end_to_end() {
     let e2e = &report["end_to_end"];
     assert_eq!(e2e["scored"], good_images().len());
     assert!(e2e["images_per_second"].as_f64().unwrap() > 0.0);
+    assert_eq!(e2e["jpeg_decoding"], "exact");
+    // Decoding on its own, per core, beside the model's rate; and the CPU's kernel paths.
+    let decode = &report["decode_per_core"];
+    assert!(decode["images"].as_u64().unwrap() >= good_images().len() as u64);
+    assert_eq!(decode["failed"], 0);
+    assert!(decode["images_per_second"].as_f64().unwrap() > 0.0);
+    assert!(decode["cores_to_feed_the_model"].as_f64().unwrap() > 0.0);
+    assert!(report["cpu"]["int8_path"].is_string(), "{}", report["cpu"]);
 }
 
 #[test]
@@ -406,4 +414,48 @@ fn numeric_flags_out_of_range_are_clear_errors_not_panics() {
     let output = agiqa(&["preprocess", "--image-size=0", "a.png"]);
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("--image-size"));
+}
+
+#[test]
+fn fast_decode_is_opt_in_close_and_said_in_the_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    // A large smooth photo-like JPEG: reduced-size decoding changes its pixels only slightly.
+    let image = image::RgbImage::from_fn(1600, 1200, |x, y| {
+        image::Rgb([(x / 7) as u8, (y / 5) as u8, ((x + y) / 11) as u8])
+    });
+    let mut bytes = Vec::new();
+    image
+        .write_with_encoder(image::codecs::jpeg::JpegEncoder::new_with_quality(
+            &mut bytes, 90,
+        ))
+        .unwrap();
+    let path = dir.path().join("large.jpg");
+    std::fs::write(&path, bytes).unwrap();
+    let score = |extra: &[&str]| {
+        let out = dir.path().join(format!("scores{}.jsonl", extra.len()));
+        let model = model("mean_f32.onnx");
+        let mut args = vec![
+            "score",
+            "--model",
+            model.to_str().unwrap(),
+            "--provider",
+            "cpu",
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+            path.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let output = agiqa(&args);
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(output.status.success(), "{stderr}");
+        let score = jsonl(&out)[0]["scores"]["quality"].as_f64().unwrap();
+        (score, stderr)
+    };
+    let (exact, exact_said) = score(&[]);
+    let (fast, fast_said) = score(&["--fast-decode"]);
+    assert!(!exact_said.contains("reduced size"), "{exact_said}");
+    assert!(fast_said.contains("reduced size"), "{fast_said}");
+    assert!(exact != fast, "reduced decoding gave the exact score");
+    assert!((exact - fast).abs() < 0.01, "exact {exact}, fast {fast}");
 }

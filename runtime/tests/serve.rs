@@ -374,10 +374,10 @@ async fn oversized_bodies_get_413() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_queue_answers_503() {
-    // Room for one image; the first waits 300 ms for batch company, so the second finds no room.
+    // Room for one image; the first waits 2 s for batch company, so the second finds no room.
     let server = Server::start(load("mean_f32.onnx"), |o| {
         o.max_batch = 4;
-        o.max_wait = Duration::from_millis(300);
+        o.max_wait = Duration::from_secs(2);
         o.queue_capacity = 1;
     })
     .await;
@@ -390,7 +390,7 @@ async fn a_full_queue_answers_503() {
             r.status().as_u16()
         }
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_for_metric(&client, &server.url, "agiqa_images_admitted", 1.0).await;
     let second = post_raw(&client, &server.url, image.clone()).await;
     assert_eq!(second.status(), 503);
     let body = second.text().await.unwrap();
@@ -874,5 +874,74 @@ async fn one_requests_images_decode_in_parallel() {
     assert_eq!(response.status(), 200);
     // All three decodes were running at the same time (sequential decoding never meets).
     assert_eq!(rendezvous.met.load(std::sync::atomic::Ordering::SeqCst), 3);
+    server.shutdown().await;
+}
+
+/// Holds every inference batch until released, and says when one is waiting.
+#[derive(Debug, Default)]
+struct Gate {
+    held: std::sync::Mutex<bool>,
+    changed: std::sync::Condvar,
+    released: std::sync::atomic::AtomicBool,
+}
+
+impl agiqa_runtime::serve::Faults for Gate {
+    fn before_inference(&self, _size: usize) -> Result<(), String> {
+        *self.held.lock().unwrap() = true;
+        self.changed.notify_all();
+        let waited = self
+            .changed
+            .wait_timeout_while(self.held.lock().unwrap(), Duration::from_secs(10), |_| {
+                !self.released.load(std::sync::atomic::Ordering::SeqCst)
+            })
+            .unwrap();
+        drop(waited);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_in_inference_keeps_its_slot_until_answered() {
+    let gate = Arc::new(Gate::default());
+    let server = Server::start(load("mean_f32.onnx"), |o| {
+        o.queue_capacity = 1;
+        o.max_wait = Duration::from_millis(1);
+        o.faults = Some(gate.clone());
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let (_, image) = good_images().remove(0);
+    let first = tokio::spawn({
+        let (client, url, body) = (client.clone(), server.url.clone(), image.clone());
+        async move { post_raw(&client, &url, body).await.status().as_u16() }
+    });
+    // Wait until the first image's batch is in inference.
+    let gate_in = Arc::clone(&gate);
+    tokio::task::spawn_blocking(move || {
+        let held = gate_in.held.lock().unwrap();
+        let _ = gate_in
+            .changed
+            .wait_timeout_while(held, Duration::from_secs(10), |held| !*held)
+            .unwrap();
+    })
+    .await
+    .unwrap();
+    assert!(*gate.held.lock().unwrap(), "no batch reached inference");
+    assert_eq!(
+        metric(
+            &metrics(&client, &server.url).await,
+            "agiqa_images_admitted"
+        ),
+        1.0
+    );
+    let second = post_raw(&client, &server.url, image.clone()).await;
+    assert_eq!(second.status(), 503);
+    gate.released
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    gate.changed.notify_all();
+    assert_eq!(first.await.unwrap(), 200);
+    // Its slot came back before its answer did.
+    let third = post_raw(&client, &server.url, image).await;
+    assert_eq!(third.status(), 200);
     server.shutdown().await;
 }

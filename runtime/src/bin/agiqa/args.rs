@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use agiqa_runtime::batch_io::OutputFormat;
-use agiqa_runtime::preprocess::DecodeLimits;
+use agiqa_runtime::preprocess::{DecodeLimits, JpegDecoding};
 use agiqa_runtime::scorer::{ExecutionProvider, ScorerOptions};
 use clap::builder::RangedU64ValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -103,6 +103,11 @@ pub struct ModelArgs {
     #[arg(long, default_value_t = DecodeLimits::default().max_pixels,
           value_parser = clap::value_parser!(u64).range(1..=1 << 40))]
     pub max_pixels: u64,
+    /// Decode large JPEGs at a reduced size (libjpeg DCT scaling, the short side kept at
+    /// least twice the model input): faster, but not the training pixels, so scores change
+    /// slightly. Never the default; recorded in the run's summary and `/health`.
+    #[arg(long)]
+    pub fast_decode: bool,
     /// Path to libonnxruntime.so (default: ORT_DYLIB_PATH, beside this binary, .deps/lib).
     #[arg(long)]
     pub ort_lib: Option<PathBuf>,
@@ -124,6 +129,11 @@ impl ModelArgs {
             decode_limits: DecodeLimits {
                 max_side: self.max_side,
                 max_pixels: self.max_pixels,
+            },
+            jpeg_decoding: if self.fast_decode {
+                JpegDecoding::Reduced
+            } else {
+                JpegDecoding::Exact
             },
             ort_lib: self.ort_lib.clone(),
         }

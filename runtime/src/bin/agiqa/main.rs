@@ -10,6 +10,7 @@ use std::time::Duration;
 use agiqa_runtime::batch_io::collect_inputs;
 use agiqa_runtime::bench::{self, BenchOptions, ProviderBench, ProviderBenchOptions};
 use agiqa_runtime::input_preview::write_input_previews;
+use agiqa_runtime::preprocess::JpegDecoding;
 use agiqa_runtime::score_files::{score_files, ResultsOut, ScoreFilesOptions, ScoreObserver};
 use agiqa_runtime::scorer::{ScoreError, Scorer};
 use agiqa_runtime::serve::{serve_until_signal, ServeOptions};
@@ -93,9 +94,14 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
     };
     let summary = score_files(&options, &mut progress);
     progress.bar.finish_and_clear();
-    let stats = summary?.stats;
+    let summary = summary?;
+    let stats = summary.stats;
+    let decoding = match summary.jpeg_decoding {
+        JpegDecoding::Exact => "",
+        JpegDecoding::Reduced => "; large JPEGs decoded at reduced size (--fast-decode)",
+    };
     eprintln!(
-        "scored {} of {} images in {:.1} s ({:.1} images/s, {} batches)",
+        "scored {} of {} images in {:.1} s ({:.1} images/s, {} batches{decoding})",
         stats.scored, stats.images, stats.seconds, stats.images_per_second, stats.batches
     );
     anyhow::ensure!(
