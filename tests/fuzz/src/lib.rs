@@ -9,13 +9,18 @@ pub mod image;
 pub mod manifest;
 pub mod mat;
 pub mod metadata;
+pub mod multipart;
 pub mod torch_archive;
 
+/// A target's body: the fuzzer's bytes in, whether the parser accepted them out.
+pub type Body = fn(&[u8]) -> bool;
+
 /// Every target: its name (the fuzz binary and the `corpus/<name>/` folder) and its body.
-pub const TARGETS: &[(&str, fn(&[u8]) -> bool)] = &[
+pub const TARGETS: &[(&str, Body)] = &[
     ("image", image::run),
     ("torch_archive", torch_archive::run),
     ("mat", mat::run),
     ("manifest", manifest::run),
     ("metadata", metadata::run),
+    ("multipart", multipart::run),
 ];

@@ -15,6 +15,7 @@ const MIN_CORPUS_FILES: &[(&str, usize)] = &[
     ("mat", 20),
     ("manifest", 20),
     ("metadata", 20),
+    ("multipart", 20),
 ];
 
 fn corpus_dir(target: &str) -> PathBuf {
