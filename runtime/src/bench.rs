@@ -175,7 +175,7 @@ pub enum BenchError {
 #[serde(untagged)]
 pub enum ProviderBench {
     /// The provider loaded and was measured.
-    Measured(BenchReport),
+    Measured(Box<BenchReport>),
     /// The provider could not be measured (it did not load, or a run failed).
     Failed {
         /// The provider asked for.
@@ -220,7 +220,7 @@ pub fn run_providers(
     let mut rows = Vec::with_capacity(providers.len());
     for provider in providers {
         let row = match run_provider(options, provider) {
-            Ok(report) => ProviderBench::Measured(report),
+            Ok(report) => ProviderBench::Measured(Box::new(report)),
             Err(error) => ProviderBench::Failed { provider, error },
         };
         on_row(&row);

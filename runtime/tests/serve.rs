@@ -139,6 +139,11 @@ async fn admission_refuses_before_the_body_is_read() {
         "{refused}"
     );
     assert!(refused.contains("queue is full"), "{refused}");
+    // Its body is never read, so the connection closes, and the client is told.
+    assert!(
+        refused.to_ascii_lowercase().contains("connection: close"),
+        "{refused}"
+    );
     // A multipart request is refused at its first part's headers, its bytes never sent.
     let boundary = "XyZ";
     let mut third = headers_only(
@@ -943,5 +948,52 @@ async fn an_image_in_inference_keeps_its_slot_until_answered() {
     // Its slot came back before its answer did.
     let third = post_raw(&client, &server.url, image).await;
     assert_eq!(third.status(), 200);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_delay_bound_refuses_what_would_wait_too_long() {
+    let gate = Arc::new(Gate::default());
+    let server = Server::start(load("mean_f32.onnx"), |o| {
+        o.queue_capacity = 8;
+        o.max_wait = Duration::from_millis(1);
+        // Any image ahead costs more than a nanosecond: with one admitted, the next waits too long.
+        o.max_queue_delay = Some(Duration::from_nanos(1));
+        o.faults = Some(gate.clone());
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let (_, image) = good_images().remove(0);
+    // No batch has run yet, so there is no cost to predict from: admitted.
+    gate.released
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        post_raw(&client, &server.url, image.clone()).await.status(),
+        200
+    );
+    // Hold the next batch: its image stays admitted.
+    gate.released
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    *gate.held.lock().unwrap() = false;
+    let first = tokio::spawn({
+        let (client, url, body) = (client.clone(), server.url.clone(), image.clone());
+        async move { post_raw(&client, &url, body).await.status().as_u16() }
+    });
+    wait_for_metric(&client, &server.url, "agiqa_images_admitted", 1.0).await;
+    // Room in the queue (1 of 8), but the image ahead would take over the bound.
+    let refused = post_raw(&client, &server.url, image.clone()).await;
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body = refused.text().await.unwrap();
+    assert!(body.contains("queue-delay bound"), "{body}");
+    gate.released
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    gate.changed.notify_all();
+    assert_eq!(first.await.unwrap(), 200);
+    let text = metrics(&client, &server.url).await;
+    assert_eq!(
+        metric(&text, "agiqa_errors_total{kind=\"queue_delay\"}"),
+        1.0
+    );
     server.shutdown().await;
 }

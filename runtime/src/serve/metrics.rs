@@ -36,6 +36,11 @@ impl Histogram {
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The sum of the observations.
+    pub(super) fn sum(&self) -> f64 {
+        self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+    }
+
     /// The mean observation, once there is one.
     pub(super) fn mean(&self) -> Option<f64> {
         let count = self.count.load(Ordering::Relaxed);

@@ -72,6 +72,10 @@ pub struct ServeOptions {
     pub keep_alive_timeout: Duration,
     /// Most connections open at once; one beyond is closed as soon as it is accepted.
     pub max_connections: usize,
+    /// With a bound, an image is refused (503) when the images already admitted are predicted
+    /// to take longer than this to score (at the inference cost per image so far), so that
+    /// what is accepted under overload is answered in about this time plus its own batch.
+    pub max_queue_delay: Option<Duration>,
     /// After the shutdown signal, how long the service keeps serving while `/ready` answers
     /// 503, so that load balancers stop sending before connections close.
     pub drain_grace: Duration,
@@ -111,6 +115,7 @@ impl ServeOptions {
             body_read_timeout: Duration::from_secs(30),
             keep_alive_timeout: Duration::from_secs(5),
             max_connections: 1024,
+            max_queue_delay: None,
             drain_grace: Duration::ZERO,
             faults: None,
         }

@@ -15,9 +15,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
-use super::admission::busy;
+use super::admission::{admit, busy, NoRoom};
 use super::batcher::{score_one, Outcome};
-use super::routes::{body_timeout, error, named, rejection_response};
+use super::routes::{body_timeout, closing, error, named, rejection_response};
 use super::AppState;
 
 /// One part read in full, with its admission slot.
@@ -32,19 +32,19 @@ struct Part {
 enum Refusal {
     /// More parts than `capacity`, the most the service could ever admit at once.
     TooManyParts { capacity: usize },
-    /// No admission slot was free for the next part.
-    Busy,
+    /// The next part found no room.
+    Busy(NoRoom),
     /// The body did not arrive within the body-read deadline.
     BodyTimeout,
     /// The body is not valid multipart (or over the body limit), as axum rejected it.
     Malformed { status: StatusCode, reason: String },
 }
 
-/// Reads a multipart body's parts one by one; each is admitted from `admission` before its
-/// bytes are read. `seen` is how many parts were read before, `capacity` the admission limit.
+/// Reads a multipart body's parts one by one; each is admitted by `admit` before its bytes
+/// are read. `seen` is how many parts were read before, `capacity` the admission limit.
 async fn next_part(
     multipart: &mut Multipart,
-    admission: &Arc<Semaphore>,
+    admit: &(dyn Fn() -> Result<OwnedSemaphorePermit, NoRoom> + Sync),
     capacity: usize,
     seen: usize,
     deadline: Instant,
@@ -62,9 +62,7 @@ async fn next_part(
     if seen == capacity {
         return Err(Refusal::TooManyParts { capacity });
     }
-    let admitted = Arc::clone(admission)
-        .try_acquire_owned()
-        .map_err(|_| Refusal::Busy)?;
+    let admitted = admit().map_err(Refusal::Busy)?;
     let name = field
         .file_name()
         .or(field.name())
@@ -100,7 +98,7 @@ pub(super) async fn score_multipart(state: &Arc<AppState>, request: Request) -> 
     loop {
         let next = next_part(
             &mut multipart,
-            &state.admission,
+            &|| admit(state),
             capacity,
             names.len(),
             deadline,
@@ -158,15 +156,15 @@ fn refusal_response(state: &AppState, refusal: Refusal) -> Response {
     match refusal {
         Refusal::TooManyParts { capacity } => {
             state.metrics.error("too_many_images");
-            error(
+            closing(error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!(
                     "more than {capacity} images in one request: the service admits at most \
                      {capacity} at once; send them in smaller requests"
                 ),
-            )
+            ))
         }
-        Refusal::Busy => busy(state),
+        Refusal::Busy(why) => busy(state, why),
         Refusal::BodyTimeout => body_timeout(state),
         Refusal::Malformed { status, reason } => rejection_response(state, status, reason),
     }
@@ -196,17 +194,22 @@ pub fn read_parts_for_fuzzing(
             .map_err(|e| (e.status().as_u16(), e.body_text()))?;
         let capacity = capacity.max(1);
         let admission = Arc::new(Semaphore::new(capacity));
+        let admit = || {
+            Arc::clone(&admission)
+                .try_acquire_owned()
+                .map_err(|_| NoRoom::QueueFull)
+        };
         let deadline = Instant::now() + std::time::Duration::from_secs(5);
         let mut parts = Vec::new();
         loop {
-            match next_part(&mut multipart, &admission, capacity, parts.len(), deadline).await {
+            match next_part(&mut multipart, &admit, capacity, parts.len(), deadline).await {
                 Ok(Some(part)) => parts.push((part.name, part.bytes.len())),
                 Ok(None) => return Ok(parts),
                 Err(Refusal::TooManyParts { capacity }) => {
                     return Err((413, format!("more than {capacity} parts")))
                 }
                 // Parts give their slots back at once here: only the capacity refuses.
-                Err(Refusal::Busy) => return Err((503, "busy".to_string())),
+                Err(Refusal::Busy(_)) => return Err((503, "busy".to_string())),
                 Err(Refusal::BodyTimeout) => return Err((408, "body timeout".to_string())),
                 Err(Refusal::Malformed { status, reason }) => {
                     return Err((status.as_u16(), reason))

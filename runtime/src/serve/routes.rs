@@ -156,8 +156,9 @@ async fn score_request(state: &Arc<AppState>, request: Request) -> Response {
 
 /// A raw body is one image: admitted (or refused with 503) before a byte of it is read.
 async fn score_raw(state: &Arc<AppState>, request: Request) -> Response {
-    let Some(admitted) = admit(state) else {
-        return busy(state);
+    let admitted = match admit(state) {
+        Ok(admitted) => admitted,
+        Err(why) => return busy(state, why),
     };
     let read = Bytes::from_request(request, state);
     let bytes = match tokio::time::timeout(state.options.body_read_timeout, read).await {
@@ -201,15 +202,25 @@ pub(super) fn body_timeout(state: &AppState) -> Response {
     response
 }
 
-fn body_too_large(state: &AppState) -> Response {
+pub(super) fn body_too_large(state: &AppState) -> Response {
     state.metrics.error("body_too_large");
-    error(
+    closing(error(
         StatusCode::PAYLOAD_TOO_LARGE,
         format!(
             "request body over the limit of {} bytes",
             state.options.body_limit
         ),
-    )
+    ))
+}
+
+/// Marks a response sent before its request's body was read in full: hyper closes such a
+/// connection after answering, and `Connection: close` tells the client so, instead of it
+/// sending its next request into a closed socket.
+pub(super) fn closing(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 pub(super) fn rejection_response(state: &AppState, status: StatusCode, text: String) -> Response {
@@ -217,5 +228,6 @@ pub(super) fn rejection_response(state: &AppState, status: StatusCode, text: Str
         return body_too_large(state);
     }
     state.metrics.error("bad_request");
-    error(status, text)
+    // The body was left unread where it broke.
+    closing(error(status, text))
 }

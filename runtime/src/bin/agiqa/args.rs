@@ -212,6 +212,11 @@ pub struct ServeArgs {
     /// Images admitted at once (waiting or in inference); beyond it requests get 503.
     #[arg(long, default_value_t = 256, value_parser = count(1, 1 << 20))]
     pub queue: usize,
+    /// Seconds: refuse (503) an image when those already admitted are predicted to take longer
+    /// than this to score, so that accepted requests keep their latency under overload
+    /// (default: no bound, only --queue).
+    #[arg(long, value_parser = positive_seconds)]
+    pub max_queue_delay: Option<Duration>,
     /// Largest request body in bytes (413 beyond).
     #[arg(long, default_value_t = 32 << 20, value_parser = count(1, 1 << 32))]
     pub body_limit: usize,

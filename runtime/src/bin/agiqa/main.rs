@@ -122,6 +122,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut options = ServeOptions::for_scorer(&scorer);
     options.max_wait = Duration::from_millis(args.max_wait_ms);
     options.queue_capacity = args.queue;
+    options.max_queue_delay = args.max_queue_delay;
     options.body_limit = args.body_limit;
     options.request_timeout = args.timeout;
     options.header_read_timeout = args.header_timeout;
