@@ -10,12 +10,12 @@ use agiqa_fuzz::TARGETS;
 /// would make the replay pass while testing nothing. Set just under the minimised sizes
 /// reported in tests/fuzz/README.md.
 const MIN_CORPUS_FILES: &[(&str, usize)] = &[
-    ("image", 20),
-    ("torch_archive", 20),
-    ("mat", 20),
-    ("manifest", 20),
-    ("metadata", 20),
-    ("multipart", 20),
+    ("image", 450),
+    ("torch_archive", 300),
+    ("mat", 75),
+    ("manifest", 240),
+    ("metadata", 750),
+    ("multipart", 420),
 ];
 
 fn corpus_dir(target: &str) -> PathBuf {
