@@ -28,26 +28,46 @@ fn runtime_dependency_tree_is_free_of_libtorch() {
     }
 }
 
+/// The fuzz targets and their corpus replay (in CI) build without libtorch: the trainer's
+/// readers they drive live in `agiqa-readers`, which must stay free of tch.
+#[test]
+fn readers_and_fuzz_bodies_are_free_of_libtorch() {
+    for package in ["agiqa-readers", "agiqa-fuzz"] {
+        let tree = dependency_tree(&["-p", package, "-e", "normal,build,dev"]);
+        assert!(
+            tree.contains(package),
+            "unexpected cargo tree output:\n{tree}"
+        );
+        for forbidden in ["tch v", "torch-sys v", "agiqa-trainer v"] {
+            assert!(
+                !tree.lines().any(|l| l.starts_with(forbidden)),
+                "{package} depends on {forbidden}:\n{tree}"
+            );
+        }
+    }
+}
+
 /// The normal (non-dev) dependency tree of `agiqa-runtime` with `features` only, one package
 /// per line (`name vX.Y.Z`).
 fn runtime_tree(features: &str) -> String {
+    dependency_tree(&[
+        "-p",
+        "agiqa-runtime",
+        "--no-default-features",
+        "--features",
+        features,
+        "-e",
+        "normal,build",
+    ])
+}
+
+/// `cargo tree` with `args`, one package per line (`name vX.Y.Z`).
+fn dependency_tree(args: &[&str]) -> String {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let output = Command::new(cargo)
         .current_dir(workspace_root())
-        .args([
-            "tree",
-            "--offline",
-            "--locked",
-            "-p",
-            "agiqa-runtime",
-            "--no-default-features",
-            "--features",
-            features,
-            "-e",
-            "normal,build",
-            "--prefix",
-            "none",
-        ])
+        .args(["tree", "--offline", "--locked", "--prefix", "none"])
+        .args(args)
         .output()
         .expect("cargo tree runs");
     assert!(
@@ -143,7 +163,8 @@ fn readme_commands_exist_and_ci_runs_the_test_command() {
 }
 
 /// Checkpoints are read and written in one place (`trainer/src/checkpoint/`): no other module
-/// of the trainer or the exporter opens checkpoint files or parses their descriptions itself.
+/// of the trainer (its tch-free readers included) or the exporter opens checkpoint files or
+/// parses their descriptions itself.
 #[test]
 fn only_the_checkpoint_module_touches_checkpoint_files() {
     let forbidden = [
@@ -161,7 +182,7 @@ fn only_the_checkpoint_module_touches_checkpoint_files() {
     // CLIP weight files (not checkpoints) are safetensors too: the loaders may read them.
     let allowed = ["trainer/src/checkpoint/", "trainer/src/weights/"];
     let mut offenders = Vec::new();
-    for dir in ["trainer/src", "exporter/src"] {
+    for dir in ["trainer/src", "trainer/readers/src", "exporter/src"] {
         let mut stack = vec![workspace_root().join(dir)];
         while let Some(path) = stack.pop() {
             if path.is_dir() {

@@ -99,6 +99,20 @@ pub struct HeadInfo {
     pub context_len: Option<usize>,
 }
 
+impl HeadInfo {
+    /// Why the head's scale cannot label scores, if it cannot: bounds that are not finite
+    /// (JSON would write them back as `null`) or not increasing.
+    fn scale_problem(&self) -> Option<String> {
+        let ScoreScale { min, max, .. } = self.scale;
+        (!(min.is_finite() && max.is_finite() && min < max)).then(|| {
+            format!(
+                "head `{}`: scale {min}–{max} must be finite with min < max",
+                self.name
+            )
+        })
+    }
+}
+
 /// Everything a consumer of a trained or exported model needs to know about it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelMetadata {
@@ -179,8 +193,18 @@ impl ModelMetadata {
             context_len: get("context_len")?
                 .parse()
                 .map_err(|e: std::num::ParseIntError| invalid("context_len", e.to_string()))?,
-            preprocessing: parse(get("preprocessing")?, "preprocessing", &invalid)?,
-            heads: parse(get("heads")?, "heads", &invalid)?,
+            preprocessing: parse::<Preprocessing>(get("preprocessing")?, "preprocessing", &invalid)
+                .and_then(|p| {
+                    p.check()
+                        .map(|()| p)
+                        .map_err(|e| invalid("preprocessing", e))
+                })?,
+            heads: parse::<Vec<HeadInfo>>(get("heads")?, "heads", &invalid).and_then(|heads| {
+                match heads.iter().find_map(HeadInfo::scale_problem) {
+                    Some(problem) => Err(invalid("heads", problem)),
+                    None => Ok(heads),
+                }
+            })?,
             clip_weights_sha256: props
                 .get(&format!("{METADATA_KEY_PREFIX}clip_weights_sha256"))
                 .cloned(),
@@ -232,6 +256,63 @@ mod tests {
         let props = meta.to_props();
         assert!(props.keys().all(|k| k.starts_with(METADATA_KEY_PREFIX)));
         assert_eq!(ModelMetadata::from_props(&props).unwrap(), meta);
+    }
+
+    /// Found by the `metadata` fuzz target: these parsed, then panicked (resampling to 0 pixels,
+    /// `tensor_len` overflow) or aborted allocating 120 GB when the first image was preprocessed.
+    #[test]
+    fn preprocessing_that_cannot_run_is_invalid_metadata() {
+        let json = |field: &str| {
+            let mut value = serde_json::to_value(Preprocessing::default()).unwrap();
+            let (key, v) = field.split_once('=').unwrap();
+            value[key] = serde_json::from_str(v).unwrap();
+            value.to_string()
+        };
+        for (field, reason) in [
+            ("image_size=0", "image_size 0 is outside 1..=4096"),
+            ("image_size=100000", "image_size 100000 is outside"),
+            ("image_size=4000000000", "image_size 4000000000 is outside"),
+            ("std=[0.5,0.0,0.5]", "must be finite and non-zero"),
+            // Beyond f32: refused while parsing (with float_roundtrip), never read as infinity.
+            ("mean=[1e39,0,0]", "number out of range"),
+            ("std=[0.5,1e39,0.5]", "number out of range"),
+        ] {
+            let mut props = sample().to_props();
+            props.insert("agiqa.preprocessing".into(), json(field));
+            let err = ModelMetadata::from_props(&props).unwrap_err().to_string();
+            assert!(
+                err.contains("'agiqa.preprocessing' is invalid"),
+                "{field}: {err}"
+            );
+            assert!(err.contains(reason), "{field}: {err}");
+        }
+    }
+
+    /// Found by the `metadata` fuzz target: a reversed or infinite scale was accepted, and a
+    /// large bound came back 1 ulp off (serde_json's default float parsing is not exact).
+    #[test]
+    fn head_scales_must_be_finite_increasing_and_read_back_exactly() {
+        for (min, max, reason) in [
+            ("5.0", "0.0", "must be finite with min < max"),
+            ("2.0", "2.0", "must be finite with min < max"),
+            ("0.0", "1e309", "number out of range"),
+        ] {
+            let mut props = sample().to_props();
+            let heads = props["agiqa.heads"]
+                .replace("\"min\":0.0", &format!("\"min\":{min}"))
+                .replace("\"max\":5.0", &format!("\"max\":{max}"));
+            props.insert("agiqa.heads".into(), heads);
+            let err = ModelMetadata::from_props(&props).unwrap_err().to_string();
+            assert!(
+                err.contains("'agiqa.heads' is invalid"),
+                "{min}–{max}: {err}"
+            );
+            assert!(err.contains(reason), "{min}–{max}: {err}");
+        }
+        let mut meta = sample();
+        meta.heads[0].scale.max = 5.888888888888889e74;
+        let reread = ModelMetadata::from_props(&meta.to_props()).unwrap();
+        assert_eq!(reread.heads[0].scale.max, 5.888888888888889e74);
     }
 
     #[test]

@@ -211,7 +211,30 @@ impl Preprocessing {
     pub fn tensor_len(&self) -> usize {
         3 * self.image_size as usize * self.image_size as usize
     }
+
+    /// Why this contract cannot preprocess any image, if it cannot: a side outside
+    /// `1..=`[`MAX_IMAGE_SIZE`] (0 leaves nothing to resize to; a huge one asks for more memory
+    /// than exists), or a mean or std that is not finite, or a std of 0 (every pixel infinite).
+    pub fn check(&self) -> Result<(), String> {
+        if !(1..=MAX_IMAGE_SIZE).contains(&self.image_size) {
+            return Err(format!(
+                "image_size {} is outside 1..={MAX_IMAGE_SIZE}",
+                self.image_size
+            ));
+        }
+        if !self.mean.iter().all(|m| m.is_finite()) {
+            return Err(format!("mean {:?} is not finite", self.mean));
+        }
+        if !self.std.iter().all(|s| s.is_finite() && *s != 0.0) {
+            return Err(format!("std {:?} must be finite and non-zero", self.std));
+        }
+        Ok(())
+    }
 }
+
+/// Largest model input side [`Preprocessing::check`] accepts: CLIP's largest is 448 (RN50x64),
+/// and one `[3, 4096, 4096]` float input is already 200 MB.
+pub const MAX_IMAGE_SIZE: u32 = 4096;
 
 /// How JPEGs are decoded at run time. A scoring option, not part of a model's contract.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -3,7 +3,8 @@
 
 pub mod hf;
 pub mod openai;
-pub mod torch_archive;
+/// The zip/pickle reader lives in the tch-free `agiqa-readers` crate (fuzzed without libtorch).
+pub use agiqa_readers::torch_archive;
 
 use std::collections::BTreeMap;
 use std::fmt;
