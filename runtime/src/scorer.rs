@@ -166,24 +166,32 @@ pub enum ScoreError {
         reason: String,
         available: String,
     },
-    #[error(
-        "model {path} is a {mode} int8 graph built for {intended}; it cannot run on {provider}. \
-         Choose --provider {first}{hint}"
-    )]
-    ProviderRefused {
-        path: PathBuf,
-        provider: ExecutionProvider,
-        mode: &'static str,
-        intended: String,
-        first: String,
-        hint: &'static str,
-    },
+    /// The graph is not built for the provider asked for (boxed: errors stay small).
+    #[error(transparent)]
+    ProviderRefused(Box<ProviderRefusal>),
     #[error(transparent)]
     Preprocess(#[from] PreprocessError),
     #[error("input tensor does not fit the model: {0}")]
     Tensor(String),
     #[error("inference failed: {0}")]
     Inference(String),
+}
+
+/// Why a provider was refused for an int8 graph before anything was registered.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "model {path} is a {mode} int8 graph built for {intended}; it cannot run on {provider}. \
+     Choose --provider {first}{hint}"
+)]
+pub struct ProviderRefusal {
+    pub path: PathBuf,
+    pub provider: ExecutionProvider,
+    /// `dynamic` or `static`.
+    pub mode: &'static str,
+    /// The providers the graph is built for, comma-separated.
+    pub intended: String,
+    first: String,
+    hint: &'static str,
 }
 
 /// An exported model ready to score. `Send + Sync`: share it (`Arc<Scorer>`) across threads.
@@ -635,7 +643,7 @@ fn open_session(
         if let Some(q) = quantization.filter(|q| !q.supports(provider.as_str())) {
             if options.provider != ExecutionProvider::Auto {
                 let gpu = provider != ExecutionProvider::Cpu && q.mode == Int8Mode::Dynamic;
-                return Err(ScoreError::ProviderRefused {
+                return Err(ScoreError::ProviderRefused(Box::new(ProviderRefusal {
                     path: path.to_path_buf(),
                     provider,
                     mode: q.mode.name(),
@@ -646,7 +654,7 @@ fn open_session(
                     } else {
                         ""
                     },
-                });
+                })));
             }
             let note = format!(
                 "auto: {provider} skipped: the {} int8 graph is built for {}",
