@@ -771,3 +771,25 @@ pub(crate) fn remove_unused(graph: &mut GraphProto) {
         graph.node.retain(|_| flags.next().unwrap_or(true));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_channel_weights_use_the_full_symmetric_range_and_round_to_nearest() {
+        // [rows = 2, cols = 3]; channels along axis 1 (columns), the second one all zero.
+        let values = [0.5, 0.0, -2.0, -1.0, 0.0, 1.0];
+        let (q, scales) = quantize_per_channel(&values, 2, 3, 1);
+        assert_eq!(scales, vec![1.0 / 127.0, 1.0, 2.0 / 127.0]);
+        assert_eq!(q, vec![64, 0, -127, -127, 0, 64]); // 63.5 rounds away from zero
+        for (i, (&v, &q)) in values.iter().zip(&q).enumerate() {
+            let scale = scales[i % 3];
+            assert!((f32::from(q) * scale - v).abs() <= scale / 2.0 + 1e-7);
+        }
+        let (q, scales) = quantize_per_channel(&values, 2, 3, 0);
+        assert_eq!(scales, vec![2.0 / 127.0, 1.0 / 127.0]);
+        assert_eq!(q[2], -127);
+        assert_eq!(q[3], -127);
+    }
+}
