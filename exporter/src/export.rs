@@ -411,6 +411,7 @@ fn metadata(heads: &[HeadSource]) -> Result<ModelMetadata, ExportError> {
         preprocessing: first.meta.preprocessing.clone(),
         heads: infos,
         clip_weights_sha256: Some(first.clip_sha256.clone()),
+        quantization: None,
     })
 }
 

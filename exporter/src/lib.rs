@@ -7,23 +7,33 @@
 //! - [`vision`]: the ViT and ModifiedResNet towers;
 //! - [`fold`]: freezing the prompts and folding them into the head;
 //! - [`export`]: assembling the graph and its metadata, writing it atomically;
-//! - [`verify`]: ONNX Runtime against the trainer's forward;
+//! - [`verify`]: ONNX Runtime against the trainer's forward, and int8 against fp32 (the budget);
+//! - [`quantize`]: the int8 rewrite of an fp32 graph; [`calibrate`]: static int8's activation
+//!   ranges; [`image_sets`]: calibration and held-out images; [`int8`]: one int8 export;
+//! - [`session`]: an in-memory graph run by ONNX Runtime on preprocessed crops;
 //! - [`triton`]: Triton Inference Server model repositories;
 //! - [`run`]: one whole export as `agiqa-export` runs it (checks, verification, Triton, report).
 
 use std::path::PathBuf;
 
+pub mod calibrate;
 pub mod export;
 pub mod fold;
 pub mod graph;
+pub mod image_sets;
+pub mod int8;
 pub mod onnx_proto;
+pub mod quantize;
 pub mod run;
+pub mod session;
 pub mod triton;
 pub mod verify;
 pub mod vision;
 
 pub use export::{build_model, write_model, ExportOptions, ExportedModel, HeadSource, InputKind};
 pub use graph::Precision;
+pub use int8::{build_int8_model, Int8Export, DEFAULT_INT8_MODE};
+pub use quantize::{Int8Mode, Int8Plan};
 pub use run::{export_checkpoints, CheckpointExport, ExportReport, NamedCheckpoint, TritonEntry};
 
 /// Names that become graph value names, output columns or folder names: non-empty ASCII
@@ -95,6 +105,11 @@ pub enum ExportError {
     OrtLibrary(#[from] agiqa_runtime::onnxruntime::OrtLibraryError),
     #[error("ONNX Runtime: {0}")]
     Ort(#[from] ort::Error),
+    #[error(
+        "the int8 graph is over its accuracy budget against the fp32 graph (nothing written; \
+             --allow-over-budget writes it anyway, marked so in its metadata):\n{0}"
+    )]
+    OverBudget(String),
     #[error("internal exporter error: {0}")]
     Internal(String),
 }

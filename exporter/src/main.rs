@@ -4,19 +4,30 @@
 use std::path::PathBuf;
 
 use agiqa_exporter::triton::{InstanceKind, TritonOptions};
+use agiqa_exporter::verify::describe_accuracy;
 use agiqa_exporter::verify::VerifyOptions;
 use agiqa_exporter::{
-    export_checkpoints, CheckpointExport, ExportOptions, InputKind, NamedCheckpoint, Precision,
-    TritonEntry,
+    export_checkpoints, CheckpointExport, ExportOptions, InputKind, Int8Export, Int8Mode,
+    NamedCheckpoint, Precision, TritonEntry, DEFAULT_INT8_MODE,
 };
 use agiqa_trainer::device::device_from;
-use anyhow::bail;
+use anyhow::{bail, Context};
 use clap::builder::RangedU64ValueParser;
 use clap::Parser;
 
 /// A count flag's parser: a whole number in `min..=max` (clap's error names the range).
 fn count(min: u64, max: u64) -> RangedU64ValueParser<usize> {
     RangedU64ValueParser::new().range(min..=max)
+}
+
+/// A percentile in 50..=100.
+fn percentile(raw: &str) -> Result<f64, String> {
+    let p: f64 = raw.parse().map_err(|e| format!("{e}"))?;
+    if (50.0..=100.0).contains(&p) {
+        Ok(p)
+    } else {
+        Err(format!("{raw} is not a percentile in 50..=100"))
+    }
 }
 
 #[derive(Parser)]
@@ -86,6 +97,50 @@ struct Args {
     /// Write a JSON report (sizes, timings, verification) here.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// int8 weights (symmetric, per output channel) and activations, quantised from the fp32
+    /// graph: `dynamic` (activations at run time; ONNX Runtime CPU only) or `static`
+    /// (calibrated QDQ, S8S8; CPU, CUDA, TensorRT). `--int8` alone takes the measured default.
+    /// With --verify, measured against the fp32 graph on held-out images (the budget).
+    #[arg(long, value_enum, num_args = 0..=1, require_equals = false,
+          default_missing_value = DEFAULT_INT8_MODE.name())]
+    int8: Option<Int8Arg>,
+    /// Calibration images for static int8: a folder, a manifest, or the checkpoint's dataset
+    /// (`agiqa3k:<dir>`, … : its training split; the budget then uses its test split).
+    #[arg(long, value_name = "FOLDER|MANIFEST|DATASET")]
+    calibration: Option<String>,
+    /// At most this many calibration images (spread over the set).
+    #[arg(long, default_value_t = 64, value_parser = count(1, 100_000))]
+    calibration_images: usize,
+    /// Percentile of |x| taken as an activation's range (100: the maximum).
+    #[arg(long, default_value_t = 99.99, value_parser = percentile)]
+    calibration_percentile: f64,
+    /// Held-out images for the int8 budget (default: the calibration dataset's test split,
+    /// else synthetic scenes); never calibration images.
+    #[arg(long, value_name = "FOLDER|MANIFEST|DATASET")]
+    budget_images: Option<String>,
+    /// At most this many held-out images for the budget.
+    #[arg(long, default_value_t = 64, value_parser = count(2, 100_000))]
+    budget_count: usize,
+    /// Write an int8 graph whose --verify figures are over budget (marked so in its metadata).
+    #[arg(long)]
+    allow_over_budget: bool,
+    /// int8: also quantise the input layer (ViT patch embedding, ResNet first stem Conv).
+    #[arg(long)]
+    int8_input_layer: bool,
+    /// int8: also quantise attention's activation × activation MatMuls (Q·Kᵀ, P·V).
+    #[arg(long)]
+    int8_attention_scores: bool,
+    /// int8: also quantise the tower's output projection (`visual.proj`, attnpool `c_proj`).
+    #[arg(long)]
+    int8_output_projection: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Int8Arg {
+    /// Activations quantised at run time (ONNX Runtime CPU).
+    Dynamic,
+    /// Calibrated QDQ activations, symmetric S8S8 (ONNX Runtime, TensorRT).
+    Static,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -106,6 +161,26 @@ enum KindArg {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let int8 = args.int8.map(|mode| {
+        let mut int8 = Int8Export::new(match mode {
+            Int8Arg::Dynamic => Int8Mode::Dynamic,
+            Int8Arg::Static => Int8Mode::Static,
+        });
+        int8.plan.input_layer |= args.int8_input_layer;
+        int8.plan.attention_scores |= args.int8_attention_scores;
+        int8.plan.output_projection |= args.int8_output_projection;
+        int8.calibration = args.calibration.clone();
+        int8.calibration_images = args.calibration_images;
+        int8.calibration_options.percentile = args.calibration_percentile;
+        int8.calibration_options.ort_lib = args.ort_lib.clone();
+        int8.held_out = args.budget_images.clone();
+        int8.held_out_images = args.budget_count;
+        int8.allow_over_budget = args.allow_over_budget;
+        int8
+    });
+    if int8.is_none() && (args.calibration.is_some() || args.budget_images.is_some()) {
+        bail!("--calibration and --budget-images only apply to --int8 exports");
+    }
     let options = CheckpointExport {
         checkpoints: args.checkpoints,
         out: args.out.clone(),
@@ -149,8 +224,10 @@ fn main() -> anyhow::Result<()> {
             },
         }),
         report: args.report,
+        int8,
     };
-    let report = export_checkpoints(&options)?;
+    let report = export_checkpoints(&options)
+        .with_context(|| format!("exporting {}", args.out.display()))?;
     println!(
         "wrote {} ({:.1} MB, {}, {} input, heads: {}) in {:.2} s (+ {:.2} s loading)",
         report.onnx.display(),
@@ -163,6 +240,38 @@ fn main() -> anyhow::Result<()> {
     );
     if let Some(verified) = &report.verify {
         println!("verification against the trainer (ONNX Runtime CPU):\n{verified}");
+    }
+    if let Some(q) = &report.quantization {
+        println!(
+            "int8 {}: {} layers in int8, for providers {}; in float: {}",
+            q.mode.name(),
+            q.int8_layers,
+            q.providers.join(", "),
+            q.float_layers
+                .iter()
+                .map(|l| l.layer.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        if let Some(c) = &q.calibration {
+            println!(
+                "calibrated on {} images ({}), {}",
+                c.images, c.source, c.method
+            );
+        }
+        match &q.accuracy {
+            Some(a) => {
+                let budget = agiqa_exporter::verify::Int8Budget::default();
+                println!(
+                    "int8 against fp32 (ONNX Runtime CPU):\n{}",
+                    describe_accuracy(a, &budget)
+                );
+                if !a.within_budget {
+                    eprintln!("warning: over budget, written because of --allow-over-budget");
+                }
+            }
+            None => println!("int8 accuracy not measured (add --verify)"),
+        }
     }
     if let Some(entry) = &report.triton {
         println!("wrote Triton model repository entry {}", entry.display());

@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::export::{build_model, check_shared_encoder, write_model, ExportOptions, HeadSource};
 use crate::graph::Precision;
+use crate::int8::{build_int8_model, Int8Export};
 use crate::triton::{config_pbtxt, write_repository, TritonOptions};
 use crate::verify::{verify, VerifyOptions, VerifyReport};
 use crate::{ExportError, InputKind};
@@ -74,6 +75,9 @@ pub struct CheckpointExport {
     pub triton: Option<TritonEntry>,
     /// Write the [`ExportReport`] as JSON here.
     pub report: Option<PathBuf>,
+    /// Quantise the graph to int8 (from fp32); with `verify`, measured against the fp32
+    /// graph instead of the trainer.
+    pub int8: Option<Int8Export>,
 }
 
 /// What an export wrote and measured (the JSON report).
@@ -98,6 +102,10 @@ pub struct ExportReport {
     /// The comparison with the trainer, when it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verify: Option<VerifyReport>,
+    /// What int8 quantisation did and, when verified, its accuracy against fp32 (as in the
+    /// graph's metadata).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<agiqa_runtime::metadata::Quantization>,
     /// The Triton entry folder written.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub triton: Option<PathBuf>,
@@ -127,12 +135,26 @@ pub fn export_checkpoints(options: &CheckpointExport) -> Result<ExportReport, Ex
         .collect();
 
     let build_started = Instant::now();
-    let model = build_model(&heads, &options.export)?;
+    let model = match &options.int8 {
+        Some(int8) => {
+            if options.triton.as_ref().is_some_and(|t| t.options.tensorrt) {
+                return Err(ExportError::Unsupported(
+                    "int8 graphs have not been run through Triton's TensorRT accelerator; \
+                     pass --no-tensorrt with --triton"
+                        .into(),
+                ));
+            }
+            build_int8_model(&heads, &options.export, int8, options.verify.as_ref())?
+        }
+        None => build_model(&heads, &options.export)?,
+    };
     let model_bytes = write_model(&options.out, &model.proto)?;
     let export_seconds = build_started.elapsed().as_secs_f64();
     let (precision, input) = (options.export.precision, options.export.input);
 
     let verify = match &options.verify {
+        // An int8 graph is measured against the fp32 graph (its metadata holds the figures).
+        Some(_) if options.int8.is_some() => None,
         Some(verify_options) => Some(
             verify(&options.out, &heads, input, precision, verify_options)
                 .map_err(|e| ExportError::Verify(Box::new(e)))?,
@@ -171,6 +193,7 @@ pub fn export_checkpoints(options: &CheckpointExport) -> Result<ExportReport, Ex
         load_seconds,
         export_seconds,
         verify,
+        quantization: model.metadata.quantization.clone(),
         triton,
     };
     if let Some(path) = &options.report {

@@ -312,3 +312,190 @@ pub fn verify(
         passed,
     })
 }
+
+/// The int8 accuracy budget, against the fp32 graph on held-out images.
+#[derive(Clone, Debug, Serialize)]
+pub struct Int8Budget {
+    /// Spearman correlation of int8 with fp32 scores, per head, at least this.
+    pub min_srcc_vs_fp32: f64,
+    /// Cosine of int8 and fp32 image features, for every image, at least this.
+    pub min_feature_cosine: f64,
+    /// `|int8 − fp32|` over the score scale's span, for every score, at most this.
+    pub max_delta_over_span: f64,
+    /// `|SRCC(int8, MOS) − SRCC(fp32, MOS)|`, where the images have MOS, at most this.
+    pub max_srcc_vs_mos_change: f64,
+}
+
+impl Default for Int8Budget {
+    fn default() -> Self {
+        Int8Budget {
+            min_srcc_vs_fp32: 0.99,
+            min_feature_cosine: 0.999,
+            max_delta_over_span: 0.01,
+            max_srcc_vs_mos_change: 0.005,
+        }
+    }
+}
+
+/// Held-out images as crops, with their MOS where known.
+pub struct HeldOut {
+    pub label: String,
+    pub crops: Vec<RgbImage>,
+    pub mos: Option<Vec<f64>>,
+}
+
+/// Scores `[N, H]` (row-major) and features `[N, E]` of one graph over `held_out`.
+fn scores_and_features(
+    model: &crate::onnx_proto::ModelProto,
+    input: InputKind,
+    preprocessor: &Preprocessor,
+    held_out: &HeldOut,
+    ort_lib: Option<&Path>,
+) -> Result<(Vec<f32>, Vec<f32>), ExportError> {
+    let graph = model
+        .graph
+        .as_ref()
+        .ok_or_else(|| ExportError::Internal("model without a graph".into()))?;
+    let score_name = graph
+        .output
+        .first()
+        .and_then(|o| o.name.clone())
+        .ok_or_else(|| ExportError::Internal("graph without outputs".into()))?;
+    let size = preprocessor.config().image_size;
+    let mut session = crate::session::GraphSession::new(model, input, size, ort_lib)?;
+    let (mut scores, mut features) = (Vec::new(), Vec::new());
+    for batch in held_out.crops.chunks(crate::session::BATCH) {
+        let mut out = session.run(
+            batch,
+            preprocessor,
+            &[score_name.as_str(), OUTPUT_IMAGE_FEATURES],
+        )?;
+        scores.extend(out.remove(&score_name).unwrap_or_default());
+        features.extend(out.remove(OUTPUT_IMAGE_FEATURES).unwrap_or_default());
+    }
+    Ok((scores, features))
+}
+
+/// Compares the int8 graph with the fp32 graph it came from (both with `image_features`) on
+/// `held_out`; `spans` are the heads' score-scale spans, in output order.
+#[allow(clippy::too_many_arguments)]
+pub fn int8_accuracy(
+    fp32: &crate::onnx_proto::ModelProto,
+    int8: &crate::onnx_proto::ModelProto,
+    input: InputKind,
+    preprocessor: &Preprocessor,
+    held_out: &HeldOut,
+    spans: &[f64],
+    budget: &Int8Budget,
+    ort_lib: Option<&Path>,
+) -> Result<agiqa_runtime::metadata::Int8Accuracy, ExportError> {
+    use agiqa_runtime::metrics::spearman;
+    let n = held_out.crops.len();
+    if n < 2 || spans.is_empty() {
+        return Err(ExportError::Unsupported(
+            "the int8 budget needs at least two held-out images".into(),
+        ));
+    }
+    let (reference, reference_features) =
+        scores_and_features(fp32, input, preprocessor, held_out, ort_lib)?;
+    let (quantised, quantised_features) =
+        scores_and_features(int8, input, preprocessor, held_out, ort_lib)?;
+    let heads = spans.len();
+    if reference.len() != n * heads || quantised.len() != n * heads {
+        return Err(ExportError::Internal(format!(
+            "expected {n}×{heads} scores, got {} and {}",
+            reference.len(),
+            quantised.len()
+        )));
+    }
+    let column = |values: &[f32], h: usize| -> Vec<f64> {
+        values
+            .iter()
+            .skip(h)
+            .step_by(heads)
+            .map(|&v| f64::from(v))
+            .collect()
+    };
+    let (mut srcc_vs_fp32, mut max_delta, mut mos_change) = (f64::INFINITY, 0f64, None::<f64>);
+    for (h, span) in spans.iter().enumerate() {
+        let (a, b) = (column(&reference, h), column(&quantised, h));
+        srcc_vs_fp32 = srcc_vs_fp32.min(spearman(&b, &a));
+        for (x, y) in a.iter().zip(&b) {
+            max_delta = max_delta.max((x - y).abs() / span.abs().max(f64::MIN_POSITIVE));
+        }
+        if let Some(mos) = &held_out.mos {
+            let change = (spearman(&b, mos) - spearman(&a, mos)).abs();
+            mos_change = Some(mos_change.map_or(change, |c: f64| c.max(change)));
+        }
+    }
+    let dim = reference_features.len() / n;
+    let cosines: Vec<f64> = reference_features
+        .chunks(dim.max(1))
+        .zip(quantised_features.chunks(dim.max(1)))
+        .map(|(a, b)| {
+            let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x * y)).sum();
+            let na: f64 = a.iter().map(|x| f64::from(x * x)).sum::<f64>().sqrt();
+            let nb: f64 = b.iter().map(|x| f64::from(x * x)).sum::<f64>().sqrt();
+            dot / (na * nb).max(f64::MIN_POSITIVE)
+        })
+        .collect();
+    let cosine_min = cosines.iter().copied().fold(f64::INFINITY, f64::min);
+    let cosine_mean = cosines.iter().sum::<f64>() / cosines.len().max(1) as f64;
+    // NaN (a constant column) fails every comparison below, as it should.
+    let within_budget = srcc_vs_fp32 >= budget.min_srcc_vs_fp32
+        && cosine_min >= budget.min_feature_cosine
+        && max_delta <= budget.max_delta_over_span
+        && mos_change.is_none_or(|c| c <= budget.max_srcc_vs_mos_change);
+    Ok(agiqa_runtime::metadata::Int8Accuracy {
+        images: held_out.label.clone(),
+        count: n,
+        srcc_vs_fp32,
+        feature_cosine_min: cosine_min,
+        feature_cosine_mean: cosine_mean,
+        max_abs_delta_over_span: max_delta,
+        srcc_vs_mos_change: mos_change,
+        within_budget,
+    })
+}
+
+/// The figures against the budget, one per line.
+pub fn describe_accuracy(
+    accuracy: &agiqa_runtime::metadata::Int8Accuracy,
+    budget: &Int8Budget,
+) -> String {
+    let mark = |ok: bool| if ok { "ok" } else { "OVER BUDGET" };
+    let mut lines = vec![
+        format!(
+            "  held-out images: {} ({})",
+            accuracy.count, accuracy.images
+        ),
+        format!(
+            "  SRCC(int8, fp32 scores)      {:.5}  (≥ {})  {}",
+            accuracy.srcc_vs_fp32,
+            budget.min_srcc_vs_fp32,
+            mark(accuracy.srcc_vs_fp32 >= budget.min_srcc_vs_fp32)
+        ),
+        format!(
+            "  image-feature cosine min     {:.6}  (≥ {}; mean {:.6})  {}",
+            accuracy.feature_cosine_min,
+            budget.min_feature_cosine,
+            accuracy.feature_cosine_mean,
+            mark(accuracy.feature_cosine_min >= budget.min_feature_cosine)
+        ),
+        format!(
+            "  max |Δscore| / scale span    {:.5}  (≤ {})  {}",
+            accuracy.max_abs_delta_over_span,
+            budget.max_delta_over_span,
+            mark(accuracy.max_abs_delta_over_span <= budget.max_delta_over_span)
+        ),
+    ];
+    lines.push(match accuracy.srcc_vs_mos_change {
+        Some(c) => format!(
+            "  |ΔSRCC vs MOS|               {c:.5}  (≤ {})  {}",
+            budget.max_srcc_vs_mos_change,
+            mark(c <= budget.max_srcc_vs_mos_change)
+        ),
+        None => "  |ΔSRCC vs MOS|               n/a (the held-out images have no MOS)".into(),
+    });
+    lines.join("\n")
+}

@@ -84,6 +84,55 @@ fn exports_verifies_and_writes_triton_and_report() {
     assert_eq!(report["bytes"], std::fs::metadata(&onnx).unwrap().len());
 }
 
+/// `--int8` alone takes the default mode, `--verify` prints and reports the budget figures;
+/// an impossible combination (int8 + fp16) is refused before anything is written.
+#[test]
+fn int8_exports_report_their_budget() {
+    let dir = scratch("int8");
+    let stem = untrained(&dir.join("run"));
+    let onnx = dir.join("model.onnx");
+    let report = dir.join("report.json");
+    let output = export(&[
+        stem.as_os_str(),
+        "--out".as_ref(),
+        onnx.as_os_str(),
+        "--int8".as_ref(),
+        "--verify".as_ref(),
+        "--budget-count=16".as_ref(),
+        "--report".as_ref(),
+        report.as_os_str(),
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("SRCC(int8, fp32 scores)"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let quantization = &report["quantization"];
+    assert_eq!(
+        quantization["mode"],
+        agiqa_exporter::DEFAULT_INT8_MODE.name()
+    );
+    assert_eq!(quantization["accuracy"]["within_budget"], true);
+    assert_eq!(quantization["accuracy"]["count"], 16);
+
+    let refused = dir.join("refused.onnx");
+    let output = export(&[
+        stem.as_os_str(),
+        "--out".as_ref(),
+        refused.as_os_str(),
+        "--int8=static".as_ref(),
+        "--fp16".as_ref(),
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("drop --fp16"), "{stderr}");
+    assert!(!refused.exists());
+}
+
 #[test]
 fn a_broken_checkpoint_is_refused_and_nothing_is_written() {
     let dir = scratch("broken");

@@ -14,6 +14,7 @@ pub mod input_preview;
 pub mod jpeg;
 pub mod metadata;
 pub mod metrics;
+pub mod onnx_props;
 pub mod preprocess;
 pub mod resample;
 pub mod tiff_decode;

@@ -13,7 +13,9 @@ use crate::preprocess::Preprocessing;
 /// - 1: first release; images converted with alpha over white, EXIF applied, 16-bit rounded.
 /// - 2: [`Preprocessing`] records its conversion (`alpha`, `exif_orientation`, `sixteen_bit`),
 ///   PIL's by default; format-1 metadata still reads as format 1's conversion. Readers ignore
-///   keys they do not know, so later fields can be added under this version.
+///   keys they do not know, so later fields can be added under this version. Added within 2
+///   (before its release, optional): `quantization` ([`Quantization`]) on int8 graphs; a graph
+///   without it is a float graph, as every earlier one is.
 pub const METADATA_FORMAT_VERSION: u32 = 2;
 
 /// Prefix of every key this project writes into ONNX `metadata_props`.
@@ -127,6 +129,96 @@ pub struct ModelMetadata {
     pub heads: Vec<HeadInfo>,
     /// SHA-256 of the CLIP weights the model was built on.
     pub clip_weights_sha256: Option<String>,
+    /// How the graph was quantised to int8; `None` for float (fp32/fp16) graphs.
+    pub quantization: Option<Quantization>,
+}
+
+/// How int8 activations are quantised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Int8Mode {
+    /// Activations quantised at run time (`DynamicQuantizeLinear` → `MatMulInteger` /
+    /// `ConvInteger`): ONNX Runtime's CPU kernels only.
+    Dynamic,
+    /// Activations quantised with calibrated scales, as QDQ pairs (symmetric S8S8, zero point
+    /// 0): what ONNX Runtime CPU/CUDA and TensorRT take.
+    Static,
+}
+
+impl Int8Mode {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Int8Mode::Dynamic => "dynamic",
+            Int8Mode::Static => "static",
+        }
+    }
+}
+
+/// A layer left in float in an int8 graph, and why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FloatLayer {
+    /// The layer or layer group, e.g. `visual.conv1` or `attention scores (Q·Kᵀ, P·V)`.
+    pub layer: String,
+    pub reason: String,
+}
+
+/// The calibration of a static int8 graph.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationInfo {
+    /// What the images were (`folder <path>`, `manifest <path>`, `train split of <dataset>`).
+    pub source: String,
+    pub images: usize,
+    /// How a tensor's range was chosen from its values, e.g. `percentile 99.99 of |x|`.
+    pub method: String,
+}
+
+/// The accuracy of an int8 graph against its fp32 graph on held-out images (minimum over
+/// heads where a figure is per head).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Int8Accuracy {
+    /// What the held-out images were, and how many.
+    pub images: String,
+    pub count: usize,
+    /// Spearman correlation of int8 scores with fp32 scores.
+    pub srcc_vs_fp32: f64,
+    /// Smallest and mean cosine between int8 and fp32 image features.
+    pub feature_cosine_min: f64,
+    pub feature_cosine_mean: f64,
+    /// Largest `|int8 − fp32|` score over the score scale's span.
+    pub max_abs_delta_over_span: f64,
+    /// `|SRCC(int8, MOS) − SRCC(fp32, MOS)|`, where the images have MOS.
+    pub srcc_vs_mos_change: Option<f64>,
+    /// Whether every figure is within the budget.
+    pub within_budget: bool,
+}
+
+/// What an int8 graph is: recorded so the runtime can refuse a provider that cannot run it and
+/// users can see what was traded for speed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Quantization {
+    pub mode: Int8Mode,
+    /// e.g. `int8, symmetric, per output channel`.
+    pub weights: String,
+    /// e.g. `uint8, per tensor, at run time` or `int8, symmetric, per tensor, calibrated`.
+    pub activations: String,
+    /// Execution providers the graph is meant for (`cpu`, `cuda`, `tensorrt`); the runtime
+    /// refuses the others.
+    pub providers: Vec<String>,
+    /// How many weight layers run in int8.
+    pub int8_layers: usize,
+    /// What stays in float, and why.
+    pub float_layers: Vec<FloatLayer>,
+    #[serde(default)]
+    pub calibration: Option<CalibrationInfo>,
+    #[serde(default)]
+    pub accuracy: Option<Int8Accuracy>,
+}
+
+impl Quantization {
+    /// Whether the graph is meant to run on `provider` (`cpu`, `cuda`, `tensorrt`).
+    pub fn supports(&self, provider: &str) -> bool {
+        self.providers.iter().any(|p| p == provider)
+    }
 }
 
 /// Why metadata could not be read back.
@@ -155,6 +247,9 @@ impl ModelMetadata {
         put("heads", to_json(&self.heads));
         if let Some(hash) = &self.clip_weights_sha256 {
             put("clip_weights_sha256", hash.clone());
+        }
+        if let Some(quantization) = &self.quantization {
+            put("quantization", to_json(quantization));
         }
         props
     }
@@ -208,6 +303,10 @@ impl ModelMetadata {
             clip_weights_sha256: props
                 .get(&format!("{METADATA_KEY_PREFIX}clip_weights_sha256"))
                 .cloned(),
+            quantization: props
+                .get(&format!("{METADATA_KEY_PREFIX}quantization"))
+                .map(|raw| parse(raw, "quantization", &invalid))
+                .transpose()?,
         })
     }
 }
@@ -247,6 +346,7 @@ mod tests {
                 context_len: Some(16),
             }],
             clip_weights_sha256: Some("cd".repeat(32)),
+            quantization: None,
         }
     }
 
@@ -347,9 +447,37 @@ mod tests {
         // What this version writes converts as PIL does, and keys added later are ignored.
         let mut props = sample().to_props();
         assert_eq!(props["agiqa.format_version"], "2");
-        props.insert("agiqa.quantization".into(), r#"{"weights":"int8"}"#.into());
+        props.insert("agiqa.pruning".into(), r#"{"sparsity":0.5}"#.into());
         let meta = ModelMetadata::from_props(&props).unwrap();
         assert_eq!(meta.preprocessing, Preprocessing::default());
         assert_eq!(meta, sample());
+    }
+
+    #[test]
+    fn quantization_round_trips_and_float_graphs_have_none() {
+        assert!(!sample().to_props().contains_key("agiqa.quantization"));
+        let mut meta = sample();
+        meta.quantization = Some(Quantization {
+            mode: Int8Mode::Dynamic,
+            weights: "int8, symmetric, per output channel".into(),
+            activations: "uint8, per tensor, at run time".into(),
+            providers: vec!["cpu".into()],
+            int8_layers: 48,
+            float_layers: vec![FloatLayer {
+                layer: "visual.conv1".into(),
+                reason: "measured".into(),
+            }],
+            calibration: None,
+            accuracy: None,
+        });
+        let props = meta.to_props();
+        let back = ModelMetadata::from_props(&props).unwrap();
+        assert_eq!(back, meta);
+        let quantization = back.quantization.unwrap();
+        assert!(quantization.supports("cpu") && !quantization.supports("tensorrt"));
+        let mut props = props;
+        props.insert("agiqa.quantization".into(), "{".into());
+        let err = ModelMetadata::from_props(&props).unwrap_err();
+        assert!(err.to_string().contains("agiqa.quantization"), "{err}");
     }
 }

@@ -22,8 +22,8 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::metadata::InputKind;
 use crate::metadata::{
-    MetadataError, ModelMetadata, INPUT_PIXELS_UINT8, INPUT_PIXEL_VALUES, OUTPUT_IMAGE_FEATURES,
-    OUTPUT_SCORE, OUTPUT_SCORES,
+    Int8Mode, MetadataError, ModelMetadata, Quantization, INPUT_PIXELS_UINT8, INPUT_PIXEL_VALUES,
+    METADATA_KEY_PREFIX, OUTPUT_IMAGE_FEATURES, OUTPUT_SCORE, OUTPUT_SCORES,
 };
 use crate::onnxruntime::OrtLibraryError;
 use crate::preprocess::{DecodeLimits, JpegDecoding, PreprocessError, Preprocessor};
@@ -170,12 +170,32 @@ pub enum ScoreError {
         reason: String,
         available: String,
     },
+    /// The graph is not built for the provider asked for (boxed: errors stay small).
+    #[error(transparent)]
+    ProviderRefused(Box<ProviderRefusal>),
     #[error(transparent)]
     Preprocess(#[from] PreprocessError),
     #[error("input tensor does not fit the model: {0}")]
     Tensor(String),
     #[error("inference failed: {0}")]
     Inference(String),
+}
+
+/// Why a provider was refused for an int8 graph before anything was registered.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "model {path} is a {mode} int8 graph built for {intended}; it cannot run on {provider}. \
+     Choose --provider {first}{hint}"
+)]
+pub struct ProviderRefusal {
+    pub path: PathBuf,
+    pub provider: ExecutionProvider,
+    /// `dynamic` or `static`.
+    pub mode: &'static str,
+    /// The providers the graph is built for, comma-separated.
+    pub intended: String,
+    first: String,
+    hint: &'static str,
 }
 
 /// An exported model ready to score. `Send + Sync`: share it (`Arc<Scorer>`) across threads.
@@ -214,14 +234,16 @@ impl Scorer {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
-        let (provider, mut notes, first) = open_session(&model, path, &options, None)?;
+        let quantization = quantization_of(&model, path)?;
+        let (provider, mut notes, first) =
+            open_session(&model, path, &options, None, quantization.as_ref())?;
         let contract = check_contract(&first, path)?;
         let mut sessions = vec![Mutex::new(first)];
         if options.sessions > 1 {
             let weights = PrepackedWeights::new();
             for _ in 1..options.sessions {
                 let (_, _, session) =
-                    open_session(&model, path, &options, Some((provider, &weights)))?;
+                    open_session(&model, path, &options, Some((provider, &weights)), None)?;
                 sessions.push(Mutex::new(session));
             }
         }
@@ -613,6 +635,7 @@ fn open_session(
     path: &Path,
     options: &ScorerOptions,
     fixed: Option<(ExecutionProvider, &PrepackedWeights)>,
+    quantization: Option<&Quantization>,
 ) -> Result<(ExecutionProvider, Vec<String>, Session), ScoreError> {
     let (candidates, weights): (Vec<ExecutionProvider>, _) = match (fixed, options.provider) {
         (Some((provider, weights)), _) => (vec![provider], Some(weights)),
@@ -621,6 +644,31 @@ fn open_session(
     };
     let mut notes = Vec::new();
     for provider in candidates {
+        if let Some(q) = quantization.filter(|q| !q.supports(provider.as_str())) {
+            if options.provider != ExecutionProvider::Auto {
+                let gpu = provider != ExecutionProvider::Cpu && q.mode == Int8Mode::Dynamic;
+                return Err(ScoreError::ProviderRefused(Box::new(ProviderRefusal {
+                    path: path.to_path_buf(),
+                    provider,
+                    mode: q.mode.name(),
+                    intended: q.providers.join(", "),
+                    first: q.providers.first().cloned().unwrap_or_default(),
+                    hint: if gpu {
+                        ", or export the checkpoint with --int8 static for GPUs"
+                    } else {
+                        ""
+                    },
+                })));
+            }
+            let note = format!(
+                "auto: {provider} skipped: the {} int8 graph is built for {}",
+                q.mode.name(),
+                q.providers.join(", ")
+            );
+            tracing::info!("{note}");
+            notes.push(note);
+            continue;
+        }
         let attempt = builder(provider, options, weights)
             .and_then(|mut b| b.commit_from_memory(model).map_err(|e| e.to_string()));
         match attempt {
@@ -651,6 +699,28 @@ fn open_session(
         path: path.to_path_buf(),
         reason: "no execution provider could load the model".into(),
     })
+}
+
+/// The int8 description the model carries (`agiqa.quantization`), read from its bytes before
+/// any provider is registered; `None` for float graphs.
+fn quantization_of(model: &[u8], path: &Path) -> Result<Option<Quantization>, ScoreError> {
+    let props = crate::onnx_props::metadata_props(model).map_err(|e| ScoreError::Load {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let key = format!("{METADATA_KEY_PREFIX}quantization");
+    props
+        .get(&key)
+        .map(|raw| {
+            serde_json::from_str(raw).map_err(|e| ScoreError::Metadata {
+                path: path.to_path_buf(),
+                source: MetadataError::Invalid {
+                    key: key.clone(),
+                    reason: e.to_string(),
+                },
+            })
+        })
+        .transpose()
 }
 
 struct Contract {

@@ -81,7 +81,9 @@ fn py_error(e: &ScoreError) -> PyErr {
         ScoreError::Load { .. } | ScoreError::Contract { .. } | ScoreError::Metadata { .. } => {
             ModelError::new_err(message)
         }
-        ScoreError::ProviderUnavailable { .. } => ProviderError::new_err(message),
+        ScoreError::ProviderUnavailable { .. } | ScoreError::ProviderRefused(_) => {
+            ProviderError::new_err(message)
+        }
         ScoreError::Preprocess(_) => ImageError::new_err(message),
         ScoreError::Tensor(_) => InputError::new_err(message),
         ScoreError::Inference(_) => InferenceError::new_err(message),
