@@ -243,14 +243,7 @@ pub fn build_model(
         input: vec![input_info],
         output: outputs,
     };
-    let metadata_props = metadata
-        .to_props()
-        .into_iter()
-        .map(|(key, value)| StringStringEntryProto {
-            key: Some(key),
-            value: Some(value),
-        })
-        .collect();
+    let metadata_props = metadata_props(&metadata);
     let proto = ModelProto {
         ir_version: Some(IR_VERSION),
         opset_import: vec![OperatorSetIdProto {
@@ -413,6 +406,18 @@ fn metadata(heads: &[HeadSource]) -> Result<ModelMetadata, ExportError> {
         clip_weights_sha256: Some(first.clip_sha256.clone()),
         quantization: None,
     })
+}
+
+/// The metadata as the graph's `metadata_props`.
+pub fn metadata_props(metadata: &ModelMetadata) -> Vec<StringStringEntryProto> {
+    metadata
+        .to_props()
+        .into_iter()
+        .map(|(key, value)| StringStringEntryProto {
+            key: Some(key),
+            value: Some(value),
+        })
+        .collect()
 }
 
 /// Writes the model atomically (temporary file, then rename): no partial `.onnx` is left.

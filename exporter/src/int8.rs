@@ -6,10 +6,9 @@ use agiqa_runtime::metadata::{Int8Mode, Quantization, OUTPUT_IMAGE_FEATURES};
 use agiqa_runtime::preprocess::Preprocessor;
 
 use crate::calibrate::{calibrate, describe, CalibrationOptions};
-use crate::export::{build_model, ExportOptions, ExportedModel, HeadSource};
+use crate::export::{build_model, metadata_props, ExportOptions, ExportedModel, HeadSource};
 use crate::graph::Precision;
 use crate::image_sets::{check_disjoint, crops, held_out, resolve, synthetic_crops, ImageSet};
-use crate::onnx_proto::StringStringEntryProto;
 use crate::quantize::{calibration_tensors, fold_batch_norms, quantize, remove_unused, Int8Plan};
 use crate::verify::{int8_accuracy, HeldOut, Int8Budget, VerifyOptions};
 use crate::ExportError;
@@ -207,14 +206,7 @@ pub fn build_int8_model(
     });
     let mut metadata = reference.metadata;
     metadata.quantization = Some(quantization);
-    proto.metadata_props = metadata
-        .to_props()
-        .into_iter()
-        .map(|(key, value)| StringStringEntryProto {
-            key: Some(key),
-            value: Some(value),
-        })
-        .collect();
+    proto.metadata_props = metadata_props(&metadata);
     Ok(ExportedModel { proto, metadata })
 }
 

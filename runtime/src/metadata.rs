@@ -303,11 +303,25 @@ impl ModelMetadata {
             clip_weights_sha256: props
                 .get(&format!("{METADATA_KEY_PREFIX}clip_weights_sha256"))
                 .cloned(),
-            quantization: props
-                .get(&format!("{METADATA_KEY_PREFIX}quantization"))
-                .map(|raw| parse(raw, "quantization", &invalid))
-                .transpose()?,
+            quantization: Self::quantization_from_props(props)?,
         })
+    }
+
+    /// Just the int8 description (`agiqa.quantization`), `None` for float graphs: what the
+    /// runtime needs before it picks an execution provider.
+    pub fn quantization_from_props(
+        props: &BTreeMap<String, String>,
+    ) -> Result<Option<Quantization>, MetadataError> {
+        let key = format!("{METADATA_KEY_PREFIX}quantization");
+        props
+            .get(&key)
+            .map(|raw| {
+                serde_json::from_str(raw).map_err(|e| MetadataError::Invalid {
+                    key: key.clone(),
+                    reason: e.to_string(),
+                })
+            })
+            .transpose()
     }
 }
 

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::metadata::InputKind;
 use crate::metadata::{
     Int8Mode, MetadataError, ModelMetadata, Quantization, INPUT_PIXELS_UINT8, INPUT_PIXEL_VALUES,
-    METADATA_KEY_PREFIX, OUTPUT_IMAGE_FEATURES, OUTPUT_SCORE, OUTPUT_SCORES,
+    OUTPUT_IMAGE_FEATURES, OUTPUT_SCORE, OUTPUT_SCORES,
 };
 use crate::onnxruntime::OrtLibraryError;
 use crate::preprocess::{DecodeLimits, JpegDecoding, PreprocessError, Preprocessor};
@@ -708,19 +708,10 @@ fn quantization_of(model: &[u8], path: &Path) -> Result<Option<Quantization>, Sc
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    let key = format!("{METADATA_KEY_PREFIX}quantization");
-    props
-        .get(&key)
-        .map(|raw| {
-            serde_json::from_str(raw).map_err(|e| ScoreError::Metadata {
-                path: path.to_path_buf(),
-                source: MetadataError::Invalid {
-                    key: key.clone(),
-                    reason: e.to_string(),
-                },
-            })
-        })
-        .transpose()
+    ModelMetadata::quantization_from_props(&props).map_err(|source| ScoreError::Metadata {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 struct Contract {
