@@ -168,6 +168,7 @@ fn vit_and_resnet_graphs_match_the_trainer_in_fp32_and_fp16() {
                 precision,
                 input,
                 image_features: true,
+                ..ExportOptions::default()
             };
             let name = format!("{preset}-{precision:?}-{input:?}");
             let report = export_and_verify(&dir, &name, &heads, &options);
@@ -960,4 +961,83 @@ fn onnx_runtime_fuses_what_scoring_relies_on() {
         }
         assert_eq!(count(&ops, "QuickGelu"), layers, "{mode:?}: {ops:?}");
     }
+}
+
+/// `--fused-attention`: one `com.microsoft.MultiHeadAttention` per block instead of the plain
+/// Q·Kᵀ/softmax/P·V ops, the same scores as the trainer (fp32 and int8 dynamic), the choice
+/// recorded in the metadata, and refused for ResNet towers (their attention pool stays plain).
+#[test]
+fn fused_attention_is_one_kernel_per_block_and_matches_the_trainer() {
+    use agiqa_exporter::{build_int8_model, AttentionOps, Int8Mode};
+    let dir = scratch("fused-attention");
+    let mut loaded = checkpoint(
+        &dir.join("run"),
+        "tiny",
+        0,
+        &regression(ImageNorm::Whiten),
+        "quality",
+        37,
+    );
+    sharpen(&mut loaded);
+    let heads = [HeadSource {
+        name: "quality".into(),
+        checkpoint: &loaded,
+    }];
+    let fused = ExportOptions {
+        image_features: true,
+        attention: AttentionOps::MicrosoftMultiHead,
+        ..ExportOptions::default()
+    };
+    let report = export_and_verify(&dir, "fused", &heads, &fused);
+    let features = report
+        .cases
+        .iter()
+        .find(|c| c.label.contains("image features"))
+        .expect("the image features are compared");
+    assert!(features.max_abs < 1e-5, "{report}");
+    let path = dir.join("fused.onnx");
+    assert_eq!(
+        metadata_of(&path).attention.as_deref(),
+        Some("com.microsoft.MultiHeadAttention")
+    );
+    let ops = optimised_ops(&path);
+    let layers = 2;
+    assert_eq!(ops.get("MultiHeadAttention"), Some(&layers), "{ops:?}");
+    assert_eq!(ops.get("Softmax"), None, "{ops:?}");
+
+    let plain = build_model(&heads, &ExportOptions::default()).unwrap();
+    assert_eq!(
+        plain.metadata.attention.as_deref(),
+        Some(AttentionOps::Plain.metadata_name())
+    );
+
+    let calibration = image_folder(&dir.join("calibration"), 8, 300);
+    let int8 = int8_options(Int8Mode::Dynamic, Some(&calibration));
+    let model = build_int8_model(&heads, &fused, &int8, None).unwrap();
+    let int8_path = dir.join("fused-dynamic.onnx");
+    write_model(&int8_path, &model.proto).unwrap();
+    let ops = optimised_ops(&int8_path);
+    assert_eq!(ops.get("MultiHeadAttention"), Some(&layers), "{ops:?}");
+    assert_eq!(
+        ops.get("DynamicQuantizeMatMul"),
+        Some(&(4 * layers)),
+        "{ops:?}"
+    );
+
+    let rn = checkpoint(
+        &dir.join("rn"),
+        "tiny-rn",
+        0,
+        &regression(ImageNorm::None),
+        "quality",
+        38,
+    );
+    let rn_heads = [HeadSource {
+        name: "quality".into(),
+        checkpoint: &rn,
+    }];
+    let err = build_model(&rn_heads, &fused)
+        .err()
+        .expect("ResNet refused");
+    assert!(err.to_string().contains("ViT towers only"), "{err}");
 }

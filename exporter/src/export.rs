@@ -14,7 +14,10 @@ use agiqa_trainer::model::Variant;
 
 use crate::check_name;
 use crate::fold::{fold_head, host, FoldedHead};
-use crate::graph::{attr_int, attr_ints, value_info, GraphBuilder, Precision, Weights};
+use crate::graph::{
+    attr_int, attr_ints, value_info, AttentionOps, GraphBuilder, Precision, Weights,
+    MICROSOFT_DOMAIN,
+};
 use crate::onnx_proto::{
     data_type, GraphProto, ModelProto, OperatorSetIdProto, StringStringEntryProto,
 };
@@ -38,6 +41,8 @@ pub struct ExportOptions {
     pub input: InputKind,
     /// Also output the L2-normalised image embeddings, `image_features` `[N, E]`.
     pub image_features: bool,
+    /// Plain opset attention (every runtime), or ONNX Runtime's fused contrib op (ViT only).
+    pub attention: AttentionOps,
 }
 
 impl Default for ExportOptions {
@@ -46,6 +51,7 @@ impl Default for ExportOptions {
             precision: Precision::Fp32,
             input: InputKind::PixelValues,
             image_features: false,
+            attention: AttentionOps::Plain,
         }
     }
 }
@@ -160,7 +166,16 @@ pub fn build_model(
     let mut g = GraphBuilder::new(options.precision);
     let (input, input_info) = input_adapter(&mut g, options, &preprocessing, resolution)?;
     let features = match &config.vision {
-        VisionConfig::Vit(vit) => vision_transformer(&mut g, &weights, vit, &input)?,
+        VisionConfig::Vit(vit) => {
+            vision_transformer(&mut g, &weights, vit, &input, options.attention)?
+        }
+        VisionConfig::ResNet(_) if options.attention != AttentionOps::Plain => {
+            return Err(ExportError::Unsupported(
+                "fused com.microsoft attention is written for ViT towers only; \
+                 ModifiedResNet's one-query attention pool stays plain"
+                    .into(),
+            ))
+        }
         VisionConfig::ResNet(resnet) => modified_resnet(&mut g, &weights, resnet, &input)?,
     };
 
@@ -208,7 +223,18 @@ pub fn build_model(
         ));
     }
 
-    let metadata = metadata(heads)?;
+    let mut metadata = metadata(heads)?;
+    metadata.attention = Some(options.attention.metadata_name().into());
+    let mut opset_import = vec![OperatorSetIdProto {
+        domain: Some(String::new()),
+        version: Some(OPSET),
+    }];
+    if g.uses_microsoft_ops() {
+        opset_import.push(OperatorSetIdProto {
+            domain: Some(MICROSOFT_DOMAIN.into()),
+            version: Some(1),
+        });
+    }
     let (node, initializer) = g.into_parts();
     let size: usize = initializer
         .iter()
@@ -246,10 +272,7 @@ pub fn build_model(
     let metadata_props = metadata_props(&metadata);
     let proto = ModelProto {
         ir_version: Some(IR_VERSION),
-        opset_import: vec![OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(OPSET),
-        }],
+        opset_import,
         producer_name: Some("agiqa-exporter".into()),
         producer_version: Some(env!("CARGO_PKG_VERSION").into()),
         domain: None,
@@ -405,6 +428,7 @@ fn metadata(heads: &[HeadSource]) -> Result<ModelMetadata, ExportError> {
         heads: infos,
         clip_weights_sha256: Some(first.clip_sha256.clone()),
         quantization: None,
+        attention: None,
     })
 }
 

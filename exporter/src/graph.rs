@@ -97,8 +97,34 @@ pub fn value_info(name: &str, elem_type: i32, dims: &[Option<i64>]) -> ValueInfo
 }
 
 /// Nodes and initializers of one graph under construction.
+/// ONNX Runtime's contrib-op domain.
+pub const MICROSOFT_DOMAIN: &str = "com.microsoft";
+
+/// How attention is written into the graph.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttentionOps {
+    /// Opset-17 ops (MatMul, Softmax...), Q scaled before Q·Kᵀ, which is the pattern
+    /// TensorRT fuses into its attention kernels; every runtime takes it.
+    #[default]
+    Plain,
+    /// ONNX Runtime's `com.microsoft.MultiHeadAttention` (one fused kernel per block on CPU
+    /// and CUDA); ONNX Runtime only, refused by TensorRT.
+    MicrosoftMultiHead,
+}
+
+impl AttentionOps {
+    /// The value of the `agiqa.attention` metadata key.
+    pub const fn metadata_name(self) -> &'static str {
+        match self {
+            AttentionOps::Plain => "plain (Q scaled before Q·Kᵀ)",
+            AttentionOps::MicrosoftMultiHead => "com.microsoft.MultiHeadAttention",
+        }
+    }
+}
+
 pub struct GraphBuilder {
     pub precision: Precision,
+    uses_microsoft_ops: bool,
     nodes: Vec<NodeProto>,
     initializers: Vec<TensorProto>,
     names: HashSet<String>,
@@ -110,6 +136,7 @@ impl GraphBuilder {
     pub fn new(precision: Precision) -> Self {
         GraphBuilder {
             precision,
+            uses_microsoft_ops: false,
             nodes: Vec::new(),
             initializers: Vec::new(),
             names: HashSet::new(),
@@ -233,6 +260,26 @@ impl GraphBuilder {
         };
         self.node_named(op, inputs, attributes, &output)?;
         Ok(output)
+    }
+
+    /// One `com.microsoft` contrib-op node (ONNX Runtime only) with a single generated output.
+    pub fn microsoft_node(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        attributes: Vec<AttributeProto>,
+    ) -> Result<String, ExportError> {
+        let output = self.node(op, inputs, attributes)?;
+        if let Some(node) = self.nodes.last_mut() {
+            node.domain = Some(MICROSOFT_DOMAIN.into());
+        }
+        self.uses_microsoft_ops = true;
+        Ok(output)
+    }
+
+    /// Whether any `com.microsoft` node was emitted (the model must import that opset).
+    pub fn uses_microsoft_ops(&self) -> bool {
+        self.uses_microsoft_ops
     }
 
     /// One node whose output has a chosen name (graph outputs).

@@ -31,7 +31,7 @@ pub mod verify;
 pub mod vision;
 
 pub use export::{build_model, write_model, ExportOptions, ExportedModel, HeadSource, InputKind};
-pub use graph::Precision;
+pub use graph::{AttentionOps, Precision};
 pub use int8::{build_int8_model, Int8Export, DEFAULT_INT8_MODE};
 pub use quantize::{Int8Mode, Int8Plan};
 pub use run::{export_checkpoints, CheckpointExport, ExportReport, NamedCheckpoint, TritonEntry};

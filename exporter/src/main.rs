@@ -7,8 +7,8 @@ use agiqa_exporter::triton::{InstanceKind, TritonOptions};
 use agiqa_exporter::verify::describe_accuracy;
 use agiqa_exporter::verify::VerifyOptions;
 use agiqa_exporter::{
-    export_checkpoints, CheckpointExport, ExportOptions, InputKind, Int8Export, Int8Mode,
-    NamedCheckpoint, Precision, TritonEntry, DEFAULT_INT8_MODE,
+    export_checkpoints, AttentionOps, CheckpointExport, ExportOptions, InputKind, Int8Export,
+    Int8Mode, NamedCheckpoint, Precision, TritonEntry, DEFAULT_INT8_MODE,
 };
 use agiqa_trainer::device::device_from;
 use anyhow::{bail, Context};
@@ -54,6 +54,11 @@ struct Args {
     /// Also output the L2-normalised CLIP image embeddings (`image_features`, `[N, E]`).
     #[arg(long)]
     with_features: bool,
+    /// Write ViT attention as ONNX Runtime's fused `com.microsoft.MultiHeadAttention` (ONNX
+    /// Runtime CPU/CUDA only: TensorRT and other runtimes refuse the graph). Recorded in the
+    /// metadata (`agiqa.attention`); the default is plain opset-17 attention.
+    #[arg(long)]
+    fused_attention: bool,
     /// Compare the graph (ONNX Runtime) with the trainer's forward; exit non-zero on failure.
     #[arg(long)]
     verify: bool,
@@ -195,6 +200,11 @@ fn main() -> anyhow::Result<()> {
                 InputArg::Uint8 => InputKind::PixelsUint8,
             },
             image_features: args.with_features,
+            attention: if args.fused_attention {
+                AttentionOps::MicrosoftMultiHead
+            } else {
+                AttentionOps::Plain
+            },
         },
         clip: args.clip,
         device: device_from(&args.device)?,

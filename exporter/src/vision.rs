@@ -3,7 +3,7 @@
 
 use agiqa_trainer::clip::{Activation, ResNetConfig, VitConfig};
 
-use crate::graph::{attr_int, attr_ints, GraphBuilder, Weights};
+use crate::graph::{attr_int, attr_ints, AttentionOps, GraphBuilder, Weights};
 use crate::ExportError;
 
 /// PyTorch's BatchNorm epsilon, as CLIP's ResNets use it.
@@ -15,6 +15,7 @@ pub fn vision_transformer(
     weights: &Weights,
     config: &VitConfig,
     pixels: &str,
+    attention: AttentionOps,
 ) -> Result<String, ExportError> {
     let width = config.width;
     let p = config.patch_size;
@@ -55,7 +56,7 @@ pub fn vision_transformer(
 
     for layer in 0..config.layers {
         let prefix = format!("visual.transformer.resblocks.{layer}");
-        x = residual_block(g, weights, &prefix, config, &x)?;
+        x = residual_block(g, weights, &prefix, config, &x, attention)?;
     }
 
     g.set_scope("visual.ln_post");
@@ -74,6 +75,7 @@ fn residual_block(
     prefix: &str,
     config: &VitConfig,
     x: &str,
+    attention: AttentionOps,
 ) -> Result<String, ExportError> {
     let width = config.width;
     let heads = config.heads;
@@ -86,20 +88,39 @@ fn residual_block(
         &format!("{prefix}.attn.in_proj_weight"),
         Some(&format!("{prefix}.attn.in_proj_bias")),
     )?;
-    // [N, L, 3W] → [N, L, 3, H, d] → [3, N, H, L, d]
-    let split = g.shape_constant(&[0, 0, 3, heads, head_dim])?;
-    let qkv = g.node("Reshape", &[&qkv, &split], vec![])?;
-    let qkv = g.node(
-        "Transpose",
-        &[&qkv],
-        vec![attr_ints("perm", &[2, 0, 3, 1, 4])],
-    )?;
-    let mut qkv_parts = Vec::with_capacity(3);
-    for i in 0..3 {
-        let index = g.int_constant("qkv_index", &[], &[i])?;
-        qkv_parts.push(g.node("Gather", &[&qkv, &index], vec![attr_int("axis", 0)])?);
-    }
-    let attended = g.attention(&qkv_parts[0], &qkv_parts[1], &qkv_parts[2], head_dim)?;
+    let attended = match attention {
+        AttentionOps::Plain => {
+            // [N, L, 3W] → [N, L, 3, H, d] → [3, N, H, L, d]
+            let split = g.shape_constant(&[0, 0, 3, heads, head_dim])?;
+            let qkv = g.node("Reshape", &[&qkv, &split], vec![])?;
+            let qkv = g.node(
+                "Transpose",
+                &[&qkv],
+                vec![attr_ints("perm", &[2, 0, 3, 1, 4])],
+            )?;
+            let mut qkv_parts = Vec::with_capacity(3);
+            for i in 0..3 {
+                let index = g.int_constant("qkv_index", &[], &[i])?;
+                qkv_parts.push(g.node("Gather", &[&qkv, &index], vec![attr_int("axis", 0)])?);
+            }
+            g.attention(&qkv_parts[0], &qkv_parts[1], &qkv_parts[2], head_dim)?
+        }
+        AttentionOps::MicrosoftMultiHead => {
+            // [N, L, 3W] → three [N, L, W]; the kernel splits heads and scales by 1/√d itself.
+            let mut parts = Vec::with_capacity(3);
+            for i in 0..3 {
+                let start = g.int_constant("qkv_start", &[1], &[i * width])?;
+                let end = g.int_constant("qkv_end", &[1], &[(i + 1) * width])?;
+                let axis = g.int_constant("qkv_axis", &[1], &[2])?;
+                parts.push(g.node("Slice", &[&qkv, &start, &end, &axis], vec![])?);
+            }
+            g.microsoft_node(
+                "MultiHeadAttention",
+                &[&parts[0], &parts[1], &parts[2]],
+                vec![attr_int("num_heads", heads)],
+            )?
+        }
+    };
     let attended = g.linear(
         weights,
         &attended,

@@ -131,6 +131,10 @@ pub struct ModelMetadata {
     pub clip_weights_sha256: Option<String>,
     /// How the graph was quantised to int8; `None` for float (fp32/fp16) graphs.
     pub quantization: Option<Quantization>,
+    /// How attention is written (`agiqa.attention`, e.g. `com.microsoft.MultiHeadAttention`
+    /// for ONNX Runtime's fused kernel); `None` in models written before the key existed,
+    /// whose attention is plain opset ops.
+    pub attention: Option<String>,
 }
 
 /// How int8 activations are quantised.
@@ -251,6 +255,9 @@ impl ModelMetadata {
         if let Some(quantization) = &self.quantization {
             put("quantization", to_json(quantization));
         }
+        if let Some(attention) = &self.attention {
+            put("attention", attention.clone());
+        }
         props
     }
 
@@ -304,6 +311,9 @@ impl ModelMetadata {
                 .get(&format!("{METADATA_KEY_PREFIX}clip_weights_sha256"))
                 .cloned(),
             quantization: Self::quantization_from_props(props)?,
+            attention: props
+                .get(&format!("{METADATA_KEY_PREFIX}attention"))
+                .cloned(),
         })
     }
 
@@ -361,6 +371,7 @@ mod tests {
             }],
             clip_weights_sha256: Some("cd".repeat(32)),
             quantization: None,
+            attention: Some("plain (Q scaled before Q·Kᵀ)".into()),
         }
     }
 
