@@ -1,61 +1,134 @@
 """A plain PyTorch-eager CLIP-AGIQA scorer, the baseline of scripts/bench-vs-pytorch.
 
-It runs the same model with the same weights as an exported ONNX graph: the image tower is
-OpenAI's reference implementation (`clip.model.VisionTransformer` / `ModifiedResNet`) loaded with
-the graph's `visual.*` initializers, and the head is the graph's folded head (the prompts'
-features computed once, as a sensible eager scorer would; the reference training code recomputes
-them every batch, which would only make this baseline slower). Preprocessing is PIL +
-torchvision, as the reference code does, in a DataLoader with worker processes.
+It runs the same model with the same weights as an exported ONNX graph: CLIP's image tower
+(ViT or ModifiedResNet, written here with torch.nn.functional so that only torch and numpy are
+needed: no OpenAI `clip` package, no `onnx` package) fed with the graph's `visual.*`
+initializers, read by onnx_weights.py, and the graph's folded head (the prompts' features
+computed once, as a sensible eager scorer would; the reference training code recomputes them
+every batch, which would only make this baseline slower). Attention is
+`scaled_dot_product_attention`, PyTorch's fused kernel. Preprocessing is PIL + torchvision, as
+the reference code does, in a DataLoader with worker processes. `--fp16` runs the tower under
+CUDA autocast (fp16), as the reference does on GPUs.
 
 Prints one JSON object: model-only images/s per batch size, and end-to-end images/s.
 """
 
 import argparse
+import contextlib
 import json
-import math
 import os
+import sys
 import time
 
-import numpy as np
-import onnx
 import torch
-import torchvision.transforms as T
-from clip.model import ModifiedResNet, VisionTransformer
-from onnx import numpy_helper
-from PIL import Image
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import onnx_weights  # noqa: E402
+
+try:  # End to end needs PIL; torchvision is used when present, as the reference code does.
+    from PIL import Image
+except ImportError:
+    Image = None
+try:
+    import torchvision.transforms as T
+except ImportError:
+    T = None
+
+
+def layer_norm(w, x, name):
+    return F.layer_norm(x, x.shape[-1:], w[name + ".weight"], w[name + ".bias"], 1e-5)
+
+
+def vision_transformer(w):
+    """OpenAI CLIP's VisionTransformer as a function of its state dict (batch-first)."""
+    width, patch = w["conv1.weight"].shape[0], w["conv1.weight"].shape[-1]
+    layers = len({k.split(".")[2] for k in w if k.startswith("transformer.resblocks.")})
+    heads = width // 64
+
+    def forward(x):
+        x = F.conv2d(x, w["conv1.weight"], stride=patch)
+        b, c = x.shape[:2]
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([w["class_embedding"].to(x.dtype).expand(b, 1, c), x], 1)
+        x = layer_norm(w, x + w["positional_embedding"].to(x.dtype), "ln_pre")
+        n = x.shape[1]
+        for i in range(layers):
+            p = f"transformer.resblocks.{i}."
+            h = layer_norm(w, x, p + "ln_1")
+            qkv = F.linear(h, w[p + "attn.in_proj_weight"], w[p + "attn.in_proj_bias"])
+            q, k, v = qkv.view(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+            x = x + F.linear(a, w[p + "attn.out_proj.weight"], w[p + "attn.out_proj.bias"])
+            h = F.linear(layer_norm(w, x, p + "ln_2"), w[p + "mlp.c_fc.weight"],
+                         w[p + "mlp.c_fc.bias"])
+            h = h * torch.sigmoid(1.702 * h)  # QuickGELU
+            x = x + F.linear(h, w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"])
+        return layer_norm(w, x[:, 0], "ln_post") @ w["proj"]
+
+    return forward
+
+
+def modified_resnet(w):
+    """OpenAI CLIP's ModifiedResNet (anti-aliased strided convolutions, attention pooling)."""
+    def bn(x, name):
+        return F.batch_norm(x, w[name + ".running_mean"], w[name + ".running_var"],
+                            w[name + ".weight"], w[name + ".bias"], False, 0.0, 1e-5)
+
+    def conv_bn_relu(x, i):
+        return F.relu(bn(F.conv2d(x, w[f"conv{i}.weight"], padding=1, stride=2 if i == 1 else 1),
+                         f"bn{i}"))
+
+    def bottleneck(x, p, stride):
+        out = F.relu(bn(F.conv2d(x, w[p + "conv1.weight"]), p + "bn1"))
+        out = F.relu(bn(F.conv2d(out, w[p + "conv2.weight"], padding=1), p + "bn2"))
+        if stride > 1:
+            out = F.avg_pool2d(out, stride)
+        out = bn(F.conv2d(out, w[p + "conv3.weight"]), p + "bn3")
+        if p + "downsample.0.weight" in w:
+            if stride > 1:
+                x = F.avg_pool2d(x, stride)
+            x = bn(F.conv2d(x, w[p + "downsample.0.weight"]), p + "downsample.1")
+        return F.relu(out + x)
+
+    blocks = [sorted({int(k.split(".")[1]) for k in w if k.startswith(f"layer{i}.")})
+              for i in (1, 2, 3, 4)]
+    embed = w["attnpool.c_proj.weight"].shape[1]
+    heads = embed // 64
+
+    def forward(x):
+        for i in (1, 2, 3):
+            x = conv_bn_relu(x, i)
+        x = F.avg_pool2d(x, 2)
+        for layer, indices in enumerate(blocks, start=1):
+            for j in indices:
+                x = bottleneck(x, f"layer{layer}.{j}.", 2 if layer > 1 and j == 0 else 1)
+        x = x.flatten(2).transpose(1, 2)  # [B, HW, C]
+        x = torch.cat([x.mean(1, keepdim=True), x], 1) + w["attnpool.positional_embedding"].to(x.dtype)
+        b, n, c = x.shape
+        def proj(name, t):
+            return F.linear(t, w[f"attnpool.{name}.weight"], w[f"attnpool.{name}.bias"])
+        q = proj("q_proj", x[:, :1]).view(b, 1, heads, c // heads).transpose(1, 2)
+        k = proj("k_proj", x).view(b, n, heads, c // heads).transpose(1, 2)
+        v = proj("v_proj", x).view(b, n, heads, c // heads).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, c)
+        return proj("c_proj", a)
+
+    return forward
 
 
 def load(path, device):
-    model = onnx.load(path)
-    weights = {
-        t.name: torch.from_numpy(numpy_helper.to_array(t).astype(np.float32))
-        for t in model.graph.initializer
-    }
-    meta = {p.key: p.value for p in model.metadata_props}
+    arrays, meta = onnx_weights.load(path)
+    weights = {k: torch.from_numpy(v.astype("float32")) for k, v in arrays.items()
+               if v.dtype.kind == "f"}
     heads = json.loads(meta["agiqa.heads"])
     pre = json.loads(meta["agiqa.preprocessing"])
     # Checkpoint tensors only: generated graph constants carry a "/" in their names.
-    visual = {k[len("visual."):]: v for k, v in weights.items()
+    visual = {k[len("visual."):]: v.to(device) for k, v in weights.items()
               if k.startswith("visual.") and "/" not in k}
-    if "proj" in visual:
-        width = visual["conv1.weight"].shape[0]
-        patch = visual["conv1.weight"].shape[-1]
-        layers = len({k.split(".")[2] for k in visual if k.startswith("transformer.resblocks.")})
-        grid = round(math.sqrt(visual["positional_embedding"].shape[0] - 1))
-        tower = VisionTransformer(patch * grid, patch, width, layers, width // 64,
-                                  visual["proj"].shape[1])
-    else:
-        counts = [len({k.split(".")[1] for k in visual if k.startswith(f"layer{i}.")})
-                  for i in (1, 2, 3, 4)]
-        width = visual["layer1.0.conv1.weight"].shape[0]
-        out_dim = visual["attnpool.c_proj.weight"].shape[0]
-        spacial = round(math.sqrt(visual["attnpool.positional_embedding"].shape[0] - 1))
-        tower = ModifiedResNet(counts, out_dim, width * 32 // 64, spacial * 32, width)
-    missing, unexpected = tower.load_state_dict(visual, strict=False)
-    missing = [m for m in missing if not m.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        raise SystemExit(f"weights do not fit the tower: missing {missing}, unexpected {unexpected}")
-    tower.eval().to(device)
+    if "conv1.weight" not in visual:
+        raise SystemExit(f"{path}: no visual.* float weights (an int8 graph? give the fp32 one)")
+    tower = vision_transformer(visual) if "proj" in visual else modified_resnet(visual)
     weights = {k: v.to(device) for k, v in weights.items() if k.startswith("heads.")}
     head_fns = []
     for head in heads:
@@ -69,17 +142,40 @@ def load(path, device):
             head_fns.append(lambda x, t=t, s=s: (torch.softmax(x @ t, -1) @ s)[:, 0])
 
     def forward(pixels):
-        x = tower(pixels)
+        x = tower(pixels).float()
         x = x / x.norm(dim=-1, keepdim=True)
         return torch.stack([f(x) for f in head_fns], 1)
 
-    transform = T.Compose([
-        T.Resize(pre["image_size"], interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(pre["image_size"]),
-        T.ToTensor(),
-        T.Normalize(pre["mean"], pre["std"]),
-    ])
-    return forward, transform, pre["image_size"]
+    return forward, Transform(pre), pre["image_size"]
+
+
+class Transform:
+    """Resize (bicubic, short side), centre crop, to tensor, normalise: torchvision's when it is
+    installed, else the same operations on PIL directly (torchvision calls PIL's resize too)."""
+
+    def __init__(self, pre):
+        self.size, self.mean, self.std = pre["image_size"], pre["mean"], pre["std"]
+        if T is not None:
+            self.torchvision = T.Compose([
+                T.Resize(self.size, interpolation=T.InterpolationMode.BICUBIC),
+                T.CenterCrop(self.size), T.ToTensor(), T.Normalize(self.mean, self.std)])
+        else:
+            self.torchvision = None
+
+    def __call__(self, image):
+        if self.torchvision is not None:
+            return self.torchvision(image)
+        w, h = image.size
+        s = self.size
+        # torchvision's Resize: the short side to s, the long side truncated.
+        size = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+        image = image.resize(size, Image.BICUBIC)
+        left, top = int(round((size[0] - s) / 2.0)), int(round((size[1] - s) / 2.0))
+        image = image.crop((left, top, left + s, top + s))
+        x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(s, s, 3)
+        x = x.permute(2, 0, 1).float() / 255.0
+        mean, std = torch.tensor(self.mean).view(3, 1, 1), torch.tensor(self.std).view(3, 1, 1)
+        return (x - mean) / std
 
 
 class Images(torch.utils.data.Dataset):
@@ -104,14 +200,22 @@ def main():
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--fp16", action="store_true", help="CUDA autocast fp16 (GPU only)")
+    ap.add_argument("--model-only", action="store_true", help="skip the end-to-end run")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.fp16 and device.type != "cuda":
+        raise SystemExit("--fp16 is CUDA autocast: give --device cuda")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     forward, transform, size = load(args.model, device)
     report = {"torch": torch.__version__, "threads": args.threads, "device": args.device,
-              "model_only": []}
-    with torch.inference_mode():
+              "precision": "fp16 autocast" if args.fp16 else "fp32", "model_only": []}
+    if device.type == "cuda":
+        report["gpu"] = torch.cuda.get_device_name(device)
+    autocast = (torch.autocast("cuda", dtype=torch.float16) if args.fp16
+                else contextlib.nullcontext())
+    with torch.inference_mode(), autocast:
         for n in [int(b) for b in args.batch_sizes.split(",")]:
             x = torch.randn(n, 3, size, size, device=device)
             forward(x)
@@ -124,6 +228,13 @@ def main():
             elapsed = time.perf_counter() - start
             report["model_only"].append(
                 {"batch_size": n, "runs": runs, "images_per_second": n * runs / elapsed})
+        if device.type == "cuda":
+            report["gpu_memory_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        if args.model_only or Image is None:
+            report["end_to_end_skipped"] = ("--model-only" if args.model_only
+                                            else "PIL is not installed")
+            print(json.dumps(report))
+            return
         paths = sorted(os.path.join(args.images, f) for f in os.listdir(args.images)
                        if f.lower().endswith((".jpg", ".jpeg", ".png")))
         loader = torch.utils.data.DataLoader(
