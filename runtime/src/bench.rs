@@ -58,6 +58,9 @@ pub struct BenchReport {
     /// The CPU and the kernel paths ONNX Runtime takes on it.
     pub cpu: CpuFeatures,
     pub model_only: Vec<ModelOnly>,
+    /// GPU memory this process held after the model-only runs (MiB, from the driver), or why
+    /// it is unknown; `None` on the CPU provider.
+    pub gpu_memory_mib: Option<Result<u64, String>>,
     /// Decoding and preprocessing alone, on one core (with images).
     pub decode_per_core: Option<DecodeRate>,
     pub end_to_end: Option<EndToEnd>,
@@ -97,6 +100,8 @@ pub fn run(
     for &n in &options.batch_sizes {
         model_only.push(model_only_one(scorer, n.max(1), options)?);
     }
+    let gpu_memory_mib =
+        (scorer.provider() != ExecutionProvider::Cpu).then(crate::gpu_memory::used_by_this_process);
     let best_model_rate = model_only
         .iter()
         .map(|m| m.images_per_second)
@@ -133,6 +138,7 @@ pub fn run(
         threads: scorer.options().threads,
         cpu: CpuFeatures::detect(),
         model_only,
+        gpu_memory_mib,
         decode_per_core,
         end_to_end,
     })
@@ -399,6 +405,18 @@ pub fn render_table(report: &BenchReport) -> String {
             m.latency_ms.p99
         );
     }
+    match &report.gpu_memory_mib {
+        Some(Ok(mib)) => {
+            let _ = writeln!(
+                out,
+                "GPU memory held by this process: {mib} MiB (nvidia-smi)"
+            );
+        }
+        Some(Err(why)) => {
+            let _ = writeln!(out, "GPU memory: unknown ({why})");
+        }
+        None => {}
+    }
     if let Some(d) = &report.decode_per_core {
         let _ = writeln!(
             out,
@@ -406,6 +424,13 @@ pub fn render_table(report: &BenchReport) -> String {
              the best model-only rate needs {:.1} such cores",
             d.images_per_second, d.images, d.failed, d.cores_to_feed_the_model
         );
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let bound = if d.cores_to_feed_the_model > cores as f64 {
+            format!("decoding: this machine's {cores} cores cannot feed the model")
+        } else {
+            format!("the model: {cores} cores decode faster than it scores")
+        };
+        let _ = writeln!(out, "end-to-end bound: {bound}");
     }
     if let Some(e) = &report.end_to_end {
         let _ = writeln!(

@@ -23,6 +23,8 @@ pub mod tiff_decode;
 pub mod batch_io;
 #[cfg(feature = "pipeline")]
 pub mod bench;
+#[cfg(feature = "pipeline")]
+pub mod gpu_memory;
 #[cfg(feature = "scorer")]
 pub mod onnxruntime;
 #[cfg(feature = "pipeline")]
