@@ -61,7 +61,8 @@ def main():
         ort = {n: r.get("end_to_end") for n, r, _, _ in rows if n.startswith("ORT Python")}
         f, q = ort.get("ORT Python fp32"), ort.get("ORT Python quantize_dynamic int8")
         if f and q and f["paths"] == q["paths"] and len(f["scores"]) > 2:
-            fs, qs = [s[0] for s in f["scores"]], [s[0] for s in q["scores"]]
+            first = lambda s: s[0] if isinstance(s, list) else s  # one head: `score` is [N]
+            fs, qs = [first(s) for s in f["scores"]], [first(s) for s in q["scores"]]
             scale = json.loads(q["heads_metadata"])[0]["scale"] if q.get("heads_metadata") else None
             span = (scale["max"] - scale["min"]) if scale else 5.0
             accuracy["ort"] = {"srcc_vs_fp32": srcc(qs, fs), "feature_cosine_min": None,
