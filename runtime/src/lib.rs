@@ -23,6 +23,16 @@ pub mod tiff_decode;
 pub mod batch_io;
 #[cfg(feature = "pipeline")]
 pub mod bench;
+#[cfg(feature = "doctor")]
+pub mod doctor;
+#[cfg(feature = "doctor")]
+pub mod elf_deps;
+#[cfg(feature = "doctor")]
+pub mod gpu_devices;
+#[cfg(feature = "scorer")]
+pub mod gpu_libraries;
+#[cfg(feature = "doctor")]
+pub mod node_placement;
 #[cfg(feature = "scorer")]
 pub mod onnxruntime;
 #[cfg(feature = "pipeline")]
