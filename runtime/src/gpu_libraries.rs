@@ -19,17 +19,29 @@ pub const CUDA_PROVIDER: &str = "libonnxruntime_providers_cuda.so";
 pub const TENSORRT_PROVIDER: &str = "libonnxruntime_providers_tensorrt.so";
 
 /// What the CUDA 13 build of ONNX Runtime 1.31 and TensorRT 10 need, each after its own
-/// dependencies, so that opening one by full path never searches for an earlier one.
+/// dependencies, so that opening one by full path never searches for an earlier one. cuDNN and
+/// TensorRT open some of their parts themselves, by soname, later: those are preloaded too
+/// (the loader matches an already-loaded soname first). A trailing `*` takes the first file
+/// whose name starts with the rest (TensorRT's builder resource carries its full version).
 pub const PRELOAD_ORDER: &[&str] = &[
     "libcudart.so.13",
     "libnvrtc.so.13",
+    "libnvrtc-builtins.so.13*",
     "libnvJitLink.so.13",
     "libcublasLt.so.13",
     "libcublas.so.13",
     "libcurand.so.10",
     "libcufft.so.12",
+    "libcudnn_graph.so.9",
+    "libcudnn_engines_precompiled.so.9",
+    "libcudnn_engines_runtime_compiled.so.9",
+    "libcudnn_heuristic.so.9",
+    "libcudnn_ops.so.9",
+    "libcudnn_cnn.so.9",
+    "libcudnn_adv.so.9",
     "libcudnn.so.9",
     "libnvinfer.so.10",
+    "libnvinfer_builder_resource.so.10*",
     "libnvinfer_plugin.so.10",
     "libnvonnxparser.so.10",
 ];
@@ -57,9 +69,22 @@ pub fn library_path_dirs(lib_dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// The first `dirs` entry holding a file called `name`.
+/// The first `dirs` entry holding a file called `name` (or, for `prefix*`, the first file
+/// in name order whose name starts with `prefix`).
 pub fn find_in(dirs: &[PathBuf], name: &str) -> Option<PathBuf> {
-    dirs.iter().map(|d| d.join(name)).find(|p| p.exists())
+    let Some(prefix) = name.strip_suffix('*') else {
+        return dirs.iter().map(|d| d.join(name)).find(|p| p.exists());
+    };
+    dirs.iter().find_map(|d| {
+        let mut matches: Vec<PathBuf> = std::fs::read_dir(d)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+            .map(|e| e.path())
+            .collect();
+        matches.sort();
+        matches.into_iter().next()
+    })
 }
 
 /// Whether `lib_dir` holds a GPU build's provider library.
@@ -82,15 +107,18 @@ pub fn preload(lib_dirs: &[&Path]) -> Vec<Preloaded> {
         .iter()
         .filter_map(|name| find_in(&dirs, name).map(|path| (name, path)))
         .map(|(name, path)| {
+            // The file's own name for a prefix entry: that is the soname it is needed by.
+            let name = match name.strip_suffix('*') {
+                Some(_) => path
+                    .file_name()
+                    .map_or_else(|| name.to_string(), |n| n.to_string_lossy().into_owned()),
+                None => name.to_string(),
+            };
             let error = open_global(&path).err();
             if let Some(e) = &error {
                 tracing::warn!("cannot preload {}: {e}", path.display());
             }
-            Preloaded {
-                name: name.to_string(),
-                path,
-                error,
-            }
+            Preloaded { name, path, error }
         })
         .collect()
 }
@@ -132,6 +160,24 @@ mod tests {
             ]
         );
         assert!(library_path_dirs(&dir.path().join("absent")).is_empty());
+    }
+
+    #[test]
+    fn a_prefix_entry_takes_the_first_matching_file() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "libnvinfer_builder_resource.so.10.16.1",
+            "libnvinfer_builder_resource.so.10.9.0",
+            "libnvinfer.so.10",
+        ] {
+            std::fs::write(dir.path().join(name), b"").unwrap();
+        }
+        let dirs = [dir.path().join("absent"), dir.path().to_path_buf()];
+        assert_eq!(
+            find_in(&dirs, "libnvinfer_builder_resource.so.10*"),
+            Some(dir.path().join("libnvinfer_builder_resource.so.10.16.1"))
+        );
+        assert_eq!(find_in(&dirs, "libcudnn.so.9"), None);
     }
 
     #[test]
