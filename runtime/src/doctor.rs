@@ -17,6 +17,9 @@ use crate::node_placement::{self, NodePlacement, PlacementOptions};
 use crate::onnxruntime::{self, OrtLibraryError};
 use crate::scorer::{self, ExecutionProvider};
 
+/// The CUDA driver API library, installed with the NVIDIA driver (never by pip).
+const DRIVER_LIBRARY: &str = "libcuda.so.1";
+
 /// What to check.
 #[derive(Debug, Clone, Default)]
 pub struct DoctorOptions {
@@ -68,6 +71,8 @@ pub struct ProviderReport {
 pub struct DoctorReport {
     pub library: LibraryReport,
     pub gpus: GpuReport,
+    /// The driver's `libcuda.so.1` as the loader would find it; `None`: no NVIDIA driver.
+    pub libcuda: Option<PathBuf>,
     pub providers: Vec<ProviderReport>,
     /// Node placement for `--model`.
     pub placement: Option<NodePlacement>,
@@ -107,6 +112,7 @@ pub fn run(options: &DoctorOptions) -> Result<DoctorReport, DoctorError> {
         .map(|p| (p.name.clone(), p.path.clone()))
         .collect();
     let search = SearchPath::from_system(loaded);
+    let libcuda = elf_deps::find_library(DRIVER_LIBRARY, &search);
     let providers = vec![
         provider_report(
             "cuda",
@@ -118,6 +124,7 @@ pub fn run(options: &DoctorOptions) -> Result<DoctorReport, DoctorError> {
                     .build(),
             ),
             &search,
+            libcuda.is_some(),
         ),
         provider_report(
             "tensorrt",
@@ -129,6 +136,7 @@ pub fn run(options: &DoctorOptions) -> Result<DoctorReport, DoctorError> {
                     .build(),
             ),
             &search,
+            libcuda.is_some(),
         ),
     ];
     let placement = match &options.model {
@@ -165,6 +173,7 @@ pub fn run(options: &DoctorOptions) -> Result<DoctorReport, DoctorError> {
     Ok(DoctorReport {
         library,
         gpus: gpu_devices::query(),
+        libcuda,
         providers,
         placement,
     })
@@ -187,6 +196,7 @@ fn provider_report(
     library: &Path,
     registered: Result<(), String>,
     search: &SearchPath,
+    driver: bool,
 ) -> ProviderReport {
     let shipped = library.exists();
     let (missing, unreadable) = if shipped {
@@ -204,9 +214,12 @@ fn provider_report(
     let error = registered.err();
     let summary = summarise(
         provider,
-        compiled_in,
-        shipped,
-        loads,
+        Facts {
+            compiled_in,
+            shipped,
+            loads,
+            driver,
+        },
         &missing,
         &error,
         &unreadable,
@@ -225,11 +238,18 @@ fn provider_report(
 
 /// The one line a person reads first: the most specific reason wins (a missing library over
 /// ONNX Runtime's generic "failed to load").
-fn summarise(
-    provider: &str,
+/// What is known about one provider, for [`summarise`].
+struct Facts {
     compiled_in: bool,
     shipped: bool,
     loads: bool,
+    /// `libcuda.so.1` is installed.
+    driver: bool,
+}
+
+fn summarise(
+    provider: &str,
+    facts: Facts,
     missing: &[Dependency],
     error: &Option<String>,
     unreadable: &Option<String>,
@@ -249,22 +269,39 @@ fn summarise(
             .collect::<Vec<_>>()
             .join(", ")
     };
+    let Facts {
+        compiled_in,
+        shipped,
+        loads,
+        driver,
+    } = facts;
     if loads && missing.is_empty() {
         return "loads".into();
     }
-    if let Some(driver) = missing.iter().find(|d| d.name.starts_with("libcuda.so")) {
+    let no_driver = format!(
+        "no NVIDIA driver ({DRIVER_LIBRARY} not found; install the driver, r580 or newer for \
+         CUDA 13)"
+    );
+    // User-space libraries first: scripts/setup --gpu fixes them; the driver is the system's.
+    let libraries: Vec<Dependency> = missing
+        .iter()
+        .filter(|d| d.name != DRIVER_LIBRARY)
+        .cloned()
+        .collect();
+    if !libraries.is_empty() {
         return format!(
-            "does not load: the NVIDIA driver library {} is missing (install the driver; \
-             CUDA 13 needs r580 or newer)",
-            driver.name
+            "does not load: missing {}; run scripts/setup --gpu, or list its folder in {}{}",
+            names(&libraries),
+            gpu_libraries::LIBRARY_PATH_FILE,
+            if driver {
+                String::new()
+            } else {
+                format!("; also {no_driver}")
+            }
         );
     }
-    if !missing.is_empty() {
-        return format!(
-            "does not load: missing {}; run scripts/setup --gpu, or list its folder in {}",
-            names(missing),
-            gpu_libraries::LIBRARY_PATH_FILE
-        );
+    if ((compiled_in || shipped) && !loads && !driver) || libraries.len() < missing.len() {
+        return format!("does not load: {no_driver}");
     }
     if !shipped && !compiled_in {
         return format!(
@@ -323,6 +360,17 @@ pub fn render(report: &DoctorReport) -> String {
     if let Some(problem) = &report.gpus.problem {
         let _ = writeln!(out, "  {problem}");
     }
+    match &report.libcuda {
+        Some(path) => {
+            let _ = writeln!(out, "  driver library: {}", path.display());
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "  driver library: {DRIVER_LIBRARY} not found (no NVIDIA driver installed)"
+            );
+        }
+    }
     for gpu in &report.gpus.gpus {
         let _ = writeln!(
             out,
@@ -373,4 +421,57 @@ pub fn render(report: &DoctorReport) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn missing(name: &str) -> Dependency {
+        Dependency {
+            name: name.into(),
+            needed_by: PathBuf::from("/x/libonnxruntime_providers_cuda.so"),
+            found: None,
+            via: None,
+        }
+    }
+
+    fn gpu_build(loads: bool, driver: bool) -> Facts {
+        Facts {
+            compiled_in: true,
+            shipped: true,
+            loads,
+            driver,
+        }
+    }
+
+    #[test]
+    fn the_most_specific_reason_is_summarised() {
+        let error = Some("failed to load".to_string());
+        let line = summarise("cuda", gpu_build(false, false), &[], &error, &None);
+        assert!(
+            line.contains("no NVIDIA driver (libcuda.so.1 not found"),
+            "{line}"
+        );
+        let line = summarise(
+            "cuda",
+            gpu_build(false, false),
+            &[missing("libcudnn.so.9")],
+            &error,
+            &None,
+        );
+        assert!(
+            line.starts_with(
+                "does not load: missing libcudnn.so.9 (needed by libonnxruntime_providers_cuda.so)"
+            ),
+            "{line}"
+        );
+        assert!(line.contains("also no NVIDIA driver"), "{line}");
+        let line = summarise("cuda", gpu_build(false, true), &[], &error, &None);
+        assert_eq!(line, "does not load: failed to load");
+        assert_eq!(
+            summarise("cuda", gpu_build(true, true), &[], &None, &None),
+            "loads"
+        );
+    }
 }

@@ -286,6 +286,11 @@ pub fn resolve(library: &Path, search: &SearchPath) -> Result<Vec<Dependency>, E
     Ok(out)
 }
 
+/// Where the loader would find `name` for a program with no RPATH/RUNPATH of its own.
+pub fn find_library(name: &str, search: &SearchPath) -> Option<PathBuf> {
+    find(name, Path::new("/"), &ElfDynamic::default(), search).map(|(path, _)| path)
+}
+
 /// The loader's search for `name`, needed by `object`.
 fn find(
     name: &str,
