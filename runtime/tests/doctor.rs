@@ -153,3 +153,58 @@ fn a_gpu_placement_on_a_cpu_library_is_an_error_not_a_silent_cpu_run() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("provider cuda"), "{err}");
 }
+
+#[test]
+fn libraries_in_the_library_path_file_are_preloaded_and_satisfy_the_provider() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, cuda) = (dir.path(), dir.path().join("cuda"));
+    std::fs::create_dir(&cuda).unwrap();
+    std::fs::write(d.join("stub.c"), "int agiqa_stub(void) { return 1; }\n").unwrap();
+    for soname in ["libcudart.so.13", "libcublasLt.so.13"] {
+        let out = format!("cuda/{soname}");
+        let flag = format!("-Wl,-soname,{soname}");
+        cc(&["-shared", "-fPIC", "-o", &out, &flag, "stub.c"], d);
+    }
+    cc(
+        &[
+            "-shared",
+            "-fPIC",
+            "-o",
+            "libonnxruntime_providers_cuda.so",
+            "stub.c",
+            "-Lcuda",
+            "-Wl,--no-as-needed",
+            "-l:libcudart.so.13",
+            "-l:libcublasLt.so.13",
+        ],
+        d,
+    );
+    // Relative to the file's folder, as scripts/setup --gpu and the bundle may write it.
+    std::fs::write(d.join("library-path"), "# test\ncuda\n").unwrap();
+    std::os::unix::fs::symlink(cpu_library(), d.join("libonnxruntime.so")).unwrap();
+    let lib = d.join("libonnxruntime.so");
+    let report = json(&agiqa(&[
+        "doctor",
+        "--json",
+        "--ort-lib",
+        lib.to_str().unwrap(),
+    ]));
+    let preloaded: Vec<(&str, bool)> = report["library"]["preloaded"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap(), p["error"].is_null()))
+        .collect();
+    assert_eq!(
+        preloaded,
+        [("libcudart.so.13", true), ("libcublasLt.so.13", true)],
+        "{report}"
+    );
+    let cuda = report["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["provider"] == "cuda")
+        .unwrap();
+    assert_eq!(cuda["missing"].as_array().unwrap().len(), 0, "{cuda}");
+}
