@@ -166,6 +166,28 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or_default())
 }
 
+/// The loader's built-in folders: glibc's, and the multiarch ones Debian and Ubuntu add.
+#[cfg(target_arch = "x86_64")]
+const DEFAULT_DIRS: &[&str] = &[
+    "/lib/x86_64-linux-gnu",
+    "/usr/lib/x86_64-linux-gnu",
+    "/lib64",
+    "/usr/lib64",
+    "/lib",
+    "/usr/lib",
+];
+#[cfg(target_arch = "aarch64")]
+const DEFAULT_DIRS: &[&str] = &[
+    "/lib/aarch64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/lib64",
+    "/usr/lib64",
+    "/lib",
+    "/usr/lib",
+];
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+const DEFAULT_DIRS: &[&str] = &["/lib64", "/usr/lib64", "/lib", "/usr/lib"];
+
 /// Where libraries are looked for, besides each library's own RPATH/RUNPATH.
 #[derive(Debug, Clone, Default)]
 pub struct SearchPath {
@@ -191,10 +213,7 @@ impl SearchPath {
             loaded,
             ld_library_path,
             cache: ld_so_cache(),
-            defaults: ["/lib64", "/usr/lib64", "/lib", "/usr/lib"]
-                .iter()
-                .map(PathBuf::from)
-                .collect(),
+            defaults: DEFAULT_DIRS.iter().map(PathBuf::from).collect(),
         }
     }
 }
