@@ -125,10 +125,12 @@ pub fn preload(lib_dirs: &[&Path]) -> Vec<Preloaded> {
 
 #[cfg(unix)]
 fn open_global(path: &Path) -> Result<(), String> {
-    use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
+    use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_LAZY};
+    // Lazy binding: relocating cuDNN's and cuBLAS's hundreds of MB up front would slow every
+    // start, CPU-only runs included; a missing DT_NEEDED library still fails here.
     // SAFETY: CUDA libraries run no initialisers that depend on the caller's state.
     let library =
-        unsafe { Library::open(Some(path), RTLD_NOW | RTLD_GLOBAL) }.map_err(|e| e.to_string())?;
+        unsafe { Library::open(Some(path), RTLD_LAZY | RTLD_GLOBAL) }.map_err(|e| e.to_string())?;
     // Kept loaded for the process: the provider resolves its symbols against it later.
     let _ = library.into_raw();
     Ok(())
