@@ -25,6 +25,16 @@ pub mod batch_io;
 pub mod bench;
 #[cfg(feature = "pipeline")]
 pub mod gpu_memory;
+#[cfg(feature = "doctor")]
+pub mod doctor;
+#[cfg(feature = "doctor")]
+pub mod elf_deps;
+#[cfg(feature = "doctor")]
+pub mod gpu_devices;
+#[cfg(feature = "scorer")]
+pub mod gpu_libraries;
+#[cfg(feature = "doctor")]
+pub mod node_placement;
 #[cfg(feature = "scorer")]
 pub mod onnxruntime;
 #[cfg(feature = "pipeline")]

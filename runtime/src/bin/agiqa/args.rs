@@ -49,12 +49,10 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Check that ONNX Runtime can be found and loaded, and print where it came from.
-    Doctor {
-        /// Path to libonnxruntime.so (default: ORT_DYLIB_PATH, beside this binary, .deps/lib).
-        #[arg(long, env = "ORT_DYLIB_PATH")]
-        ort_lib: Option<PathBuf>,
-    },
+    /// Check what can run here: the ONNX Runtime library in use, its providers, the GPUs and
+    /// driver, whether CUDA and TensorRT load (or the exact library missing), and with --model
+    /// how many graph nodes each provider took.
+    Doctor(DoctorArgs),
     /// Run the shared preprocessing on images and write the model-input crops as PNG, to see
     /// exactly what a model is given.
     Preprocess(PreprocessArgs),
@@ -66,6 +64,26 @@ pub enum Command {
     /// Measure model-only throughput and latency per batch size on synthetic tensors, and
     /// end-to-end throughput from image files.
     Bench(BenchArgs),
+}
+
+#[derive(Args)]
+pub struct DoctorArgs {
+    /// Path to libonnxruntime.so (default: ORT_DYLIB_PATH, beside this binary, .deps/gpu/lib,
+    /// .deps/lib).
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    pub ort_lib: Option<PathBuf>,
+    /// Exported model: report how many graph nodes each provider took (one batch of zeros).
+    #[arg(long, short)]
+    pub model: Option<PathBuf>,
+    /// Provider for --model: cpu, cuda, tensorrt, or auto (the first GPU provider that loads).
+    #[arg(long, default_value = "auto")]
+    pub provider: ExecutionProvider,
+    /// GPU ordinal for CUDA and TensorRT.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=1023))]
+    pub device_id: i32,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The model and how it runs (shared by `score`, `serve` and `bench`).

@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use agiqa_runtime::batch_io::collect_inputs;
 use agiqa_runtime::bench::{self, BenchOptions, ProviderBench, ProviderBenchOptions};
+use agiqa_runtime::doctor::{self, DoctorOptions};
 use agiqa_runtime::input_preview::write_input_previews;
 use agiqa_runtime::preprocess::JpegDecoding;
 use agiqa_runtime::score_files::{score_files, ResultsOut, ScoreFilesOptions, ScoreObserver};
 use agiqa_runtime::scorer::{ScoreError, Scorer};
 use agiqa_runtime::serve::{serve_until_signal, ServeOptions};
 use anyhow::Context;
-use args::{BenchArgs, Cli, Command, PreprocessArgs, ScoreArgs, ServeArgs};
+use args::{BenchArgs, Cli, Command, DoctorArgs, PreprocessArgs, ScoreArgs, ServeArgs};
 use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
@@ -30,18 +31,31 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Doctor { ort_lib } => {
-            let path = agiqa_runtime::onnxruntime::init(ort_lib.as_deref())?;
-            println!("ONNX Runtime: {}", path.display());
-            println!("version: {}", agiqa_runtime::onnxruntime::version());
-            println!("build info: {}", agiqa_runtime::onnxruntime::build_info());
-            Ok(())
-        }
+        Command::Doctor(args) => doctor(args),
         Command::Preprocess(args) => preprocess(args),
         Command::Score(args) => score(args),
         Command::Serve(args) => serve(args),
         Command::Bench(args) => bench(args),
     }
+}
+
+fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
+    let report = doctor::run(&DoctorOptions {
+        ort_lib: args.ort_lib,
+        model: args.model.clone(),
+        provider: args.provider,
+        device_id: args.device_id,
+    })
+    .with_context(|| match &args.model {
+        Some(model) => format!("doctor (model {})", model.display()),
+        None => "doctor".to_string(),
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", doctor::render(&report));
+    }
+    Ok(())
 }
 
 fn preprocess(args: PreprocessArgs) -> anyhow::Result<()> {
