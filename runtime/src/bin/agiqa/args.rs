@@ -171,7 +171,10 @@ impl ModelArgs {
         };
         let tensorrt_profile =
             (self.trt_opt_batch.is_some() || self.trt_max_batch.is_some()).then(|| {
-                let opt = self.trt_opt_batch.unwrap_or(self.batch_size);
+                let opt = self.trt_opt_batch.unwrap_or(
+                    self.trt_max_batch
+                        .map_or(self.batch_size, |max| max.min(self.batch_size)),
+                );
                 TensorRtProfile {
                     min: 1,
                     opt,
