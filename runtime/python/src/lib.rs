@@ -138,7 +138,7 @@ impl PyScorer {
             provider,
             threads,
             batch_size,
-            device_id,
+            device_id: device_id.into(),
             // As `agiqa score`: idle inference threads must not spin while the decoders work.
             intra_op_spinning: false,
             ort_lib,
@@ -501,7 +501,7 @@ fn score_files(
             provider: provider.parse().map_err(ProviderError::new_err)?,
             threads,
             batch_size,
-            device_id,
+            device_id: device_id.into(),
             ort_lib,
             ..ScorerOptions::default()
         },

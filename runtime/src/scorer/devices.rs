@@ -156,8 +156,8 @@ mod tests {
     struct Fake {
         device: i32,
         session: usize,
-        log: Arc<Mutex<Vec<(i32, usize)>>>,
-        gate: Option<Arc<(Mutex<usize>, Condvar, usize)>>,
+        log: Log,
+        gate: Option<Gate>,
     }
 
     impl BatchRunner for Fake {
@@ -187,11 +187,12 @@ mod tests {
         }
     }
 
-    fn pool(
-        devices: &[i32],
-        sessions: usize,
-        gate: Option<Arc<(Mutex<usize>, Condvar, usize)>>,
-    ) -> (Pool<Fake>, Arc<Mutex<Vec<(i32, usize)>>>) {
+    /// Which `(device, session)` ran each batch, in order.
+    type Log = Arc<Mutex<Vec<(i32, usize)>>>;
+    /// Batches inside, wake-ups, how many must be inside at once.
+    type Gate = Arc<(Mutex<usize>, Condvar, usize)>;
+
+    fn pool(devices: &[i32], sessions: usize, gate: Option<Gate>) -> (Pool<Fake>, Log) {
         let log = Arc::new(Mutex::new(Vec::new()));
         let per_device = devices
             .iter()
@@ -223,7 +224,7 @@ mod tests {
         assert_eq!(pool.devices(), [0, 3, 0, 0]);
     }
 
-    fn pool_uneven() -> (Pool<Fake>, Arc<Mutex<Vec<(i32, usize)>>>) {
+    fn pool_uneven() -> (Pool<Fake>, Log) {
         let log = Arc::new(Mutex::new(Vec::new()));
         let fake = |device, session| Fake {
             device,

@@ -143,7 +143,7 @@ fn is_tensorrt_build_failure(lower: &str) -> bool {
             "engine build",
             "failed to create engine",
             "could not build",
-            "parse",
+            "failed to parse",
         ]
         .iter()
         .any(|needle| lower.contains(needle))

@@ -9,7 +9,9 @@ use ort::ep::{self, ExecutionProvider as _, ExecutionProviderDispatch};
 use ort::session::builder::{GraphOptimizationLevel, PrepackedWeights, SessionBuilder};
 use ort::session::Session;
 
-use super::error::{explain_registration_failure, ProviderRefusal, ScoreError};
+use super::error::{
+    classify_run_error, explain_registration_failure, ProviderRefusal, RunContext, ScoreError,
+};
 use super::options::{ConvSearch, ExecutionProvider, GraphOptimization, ScorerOptions};
 use super::tensorrt_cache::{self, EngineCacheKey, ProfileShapes};
 use crate::metadata::{InputKind, Int8Mode, Quantization};
@@ -374,14 +376,14 @@ pub(crate) fn open_session(
         let attempt = open_one(model, options, facts, provider, device_id, weights);
         match attempt {
             Ok(opened) => return Ok(opened),
-            Err(reason) if provider == ExecutionProvider::Cpu => {
+            Err((reason, _)) if provider == ExecutionProvider::Cpu => {
                 // CPU always registers; a failure here is the model's.
                 return Err(ScoreError::Load {
                     path: path.to_path_buf(),
                     reason,
                 });
             }
-            Err(reason) if options.provider == ExecutionProvider::Auto => {
+            Err((reason, _)) if options.provider == ExecutionProvider::Auto => {
                 let note = format!(
                     "auto: {provider} unavailable ({}); trying the next provider",
                     explain_registration_failure(&reason)
@@ -389,12 +391,24 @@ pub(crate) fn open_session(
                 tracing::warn!("{note}");
                 notes.push(note);
             }
-            Err(reason) => {
+            Err((reason, cache_dir)) => {
+                // TensorRT may build its engine while the session is created: a build failure
+                // or running out of memory is not a missing provider.
+                let context = RunContext {
+                    provider,
+                    batch_size: options.batch_size,
+                    cache_dir: cache_dir.as_deref(),
+                };
+                if let e @ (ScoreError::GpuOutOfMemory { .. } | ScoreError::TensorRtBuild { .. }) =
+                    classify_run_error(reason.clone(), &context)
+                {
+                    return Err(e);
+                }
                 return Err(ScoreError::ProviderUnavailable {
                     provider,
                     reason: explain_registration_failure(&reason),
                     available: available_providers().join(", "),
-                })
+                });
             }
         }
     }
@@ -411,11 +425,11 @@ fn open_one(
     provider: ExecutionProvider,
     device_id: i32,
     weights: Option<&PrepackedWeights>,
-) -> Result<Opened, String> {
+) -> Result<Opened, (String, Option<PathBuf>)> {
     let (plan, cache_dir) = if provider == ExecutionProvider::TensorRt {
-        let ort_lib = crate::onnxruntime::init(None).map_err(|e| e.to_string())?;
+        let ort_lib = crate::onnxruntime::init(None).map_err(|e| (e.to_string(), None))?;
         let plan = TensorRtPlan::new(facts, model, options, ort_lib);
-        let folder = plan.cache_folder(device_id)?;
+        let folder = plan.cache_folder(device_id).map_err(|e| (e, None))?;
         (Some(plan), folder)
     } else {
         (None, None)
@@ -428,7 +442,8 @@ fn open_one(
         plan.as_ref().map(|p| (p, cache_dir.as_deref())),
     );
     let session = builder(options, weights, providers)
-        .and_then(|mut b| b.commit_from_memory(model).map_err(|e| e.to_string()))?;
+        .and_then(|mut b| b.commit_from_memory(model).map_err(|e| e.to_string()))
+        .map_err(|reason| (reason, cache_dir.clone()))?;
     Ok(Opened {
         provider,
         session,
