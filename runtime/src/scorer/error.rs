@@ -176,7 +176,11 @@ fn failing_layer(message: &str) -> Option<String> {
 /// messages name a library or an error number, not the cause).
 pub(crate) fn explain_registration_failure(message: &str) -> String {
     let lower = message.to_ascii_lowercase();
-    let cause = if let Some(library) = missing_library(message) {
+    let cause = if lower.contains("not enabled in this build") {
+        "the ONNX Runtime library in use is a CPU-only build (point --ort-lib or ORT_DYLIB_PATH \
+         at the onnxruntime-gpu library that scripts/setup --gpu installs)"
+            .to_string()
+    } else if let Some(library) = missing_library(message) {
         format!(
             "a library it needs is missing: {library} (install the CUDA/cuDNN/TensorRT libraries \
              this ONNX Runtime build was made for, or put them on LD_LIBRARY_PATH)"
