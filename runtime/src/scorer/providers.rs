@@ -31,6 +31,8 @@ pub(crate) struct ModelFacts {
     pub fixed_batch: Option<usize>,
     /// `preprocessing.image_size` from the metadata.
     pub image_size: Option<u32>,
+    /// FNV-1a of the file, computed once when a TensorRT cache needs it.
+    pub model_hash: std::sync::OnceLock<u64>,
 }
 
 impl ModelFacts {
@@ -113,6 +115,7 @@ pub(crate) fn model_facts(model: &[u8], path: &Path) -> Result<ModelFacts, Score
         input,
         fixed_batch,
         image_size,
+        model_hash: std::sync::OnceLock::new(),
     })
 }
 
@@ -191,7 +194,9 @@ impl TensorRtPlan {
             int8: facts.is_static_int8(),
             // Hashing hundreds of megabytes is only worth it when there is a cache to key.
             model_hash: if cache_root.is_some() {
-                tensorrt_cache::model_hash(model)
+                *facts
+                    .model_hash
+                    .get_or_init(|| tensorrt_cache::model_hash(model))
             } else {
                 0
             },
@@ -474,6 +479,7 @@ mod tests {
             input: Some(InputKind::PixelsUint8),
             fixed_batch: None,
             image_size: Some(224),
+            model_hash: std::sync::OnceLock::new(),
         }
     }
 
@@ -529,6 +535,51 @@ mod tests {
         };
         assert!(fixed.profile_shapes(&options).is_none());
         assert!(!fixed.fp16_weights());
+    }
+
+    #[test]
+    fn cache_folders_are_created_keyed_and_described() {
+        let root = tempfile::tempdir().unwrap();
+        let f = facts(&[], "fp16 precision.");
+        let options = ScorerOptions {
+            tensorrt_fp16: true,
+            tensorrt_cache_dir: Some(root.path().to_path_buf()),
+            batch_size: 32,
+            ..ScorerOptions::default()
+        };
+        let plan = TensorRtPlan::new(
+            &f,
+            b"model bytes",
+            &options,
+            Path::new("/nowhere/libonnxruntime.so"),
+        );
+        assert_eq!(plan.precision, "fp16");
+        assert_ne!(plan.model_hash, 0);
+        let d0 = plan.cache_folder(0).unwrap().unwrap();
+        let key = std::fs::read_to_string(d0.join("key.txt")).unwrap();
+        assert!(
+            key.contains("profile_max = pixels_uint8:32x224x224x3"),
+            "{key}"
+        );
+        assert!(key.contains("precision = fp16"), "{key}");
+        assert_eq!(d0.parent(), Some(root.path()));
+        // Without nvidia-smi the ordinal stands in for the GPU, so GPUs never share engines
+        // (with it, identical GPUs may: their engines are interchangeable).
+        if tensorrt_cache::gpu_identity(0).is_none() {
+            assert_ne!(plan.cache_folder(1).unwrap().unwrap(), d0);
+        }
+        let fp32 = TensorRtPlan::new(
+            &f,
+            b"model bytes",
+            &ScorerOptions {
+                tensorrt_fp16: false,
+                ..options.clone()
+            },
+            Path::new("/nowhere/libonnxruntime.so"),
+        );
+        assert_ne!(fp32.cache_folder(0).unwrap().unwrap(), d0);
+        let none = TensorRtPlan::new(&f, b"m", &ScorerOptions::default(), Path::new("/x"));
+        assert!(none.cache_folder(0).unwrap().is_none());
     }
 
     #[test]
