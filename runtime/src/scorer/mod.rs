@@ -6,9 +6,9 @@
 //! `score [N]` or `scores [N, H]`, and `agiqa.*` metadata whose `preprocessing.image_size` is `R`
 //! and whose `heads` has `H` entries. Anything else is refused at load, not at the first request.
 //!
-//! GPU set-up lives beside it: [`providers`] (what each provider is told), [`tensorrt_cache`]
+//! GPU set-up lives beside it: `providers` (what each provider is told), [`tensorrt_cache`]
 //! (profiles, keyed engine caches), [`io_binding`] (reused pinned buffers), [`devices`]
-//! (sessions on several GPUs and which runs the next batch), [`error`] (ONNX Runtime's GPU
+//! (sessions on several GPUs and which runs the next batch), `error` (ONNX Runtime's GPU
 //! error text read into actionable errors).
 
 mod contract;
