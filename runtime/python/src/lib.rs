@@ -81,12 +81,14 @@ fn py_error(e: &ScoreError) -> PyErr {
         ScoreError::Load { .. } | ScoreError::Contract { .. } | ScoreError::Metadata { .. } => {
             ModelError::new_err(message)
         }
-        ScoreError::ProviderUnavailable { .. } | ScoreError::ProviderRefused(_) => {
-            ProviderError::new_err(message)
-        }
+        ScoreError::ProviderUnavailable { .. }
+        | ScoreError::ProviderRefused(_)
+        | ScoreError::UnsupportedOps { .. } => ProviderError::new_err(message),
         ScoreError::Preprocess(_) => ImageError::new_err(message),
-        ScoreError::Tensor(_) => InputError::new_err(message),
-        ScoreError::Inference(_) => InferenceError::new_err(message),
+        ScoreError::Tensor(_) | ScoreError::Options(_) => InputError::new_err(message),
+        ScoreError::Inference(_)
+        | ScoreError::GpuOutOfMemory { .. }
+        | ScoreError::TensorRtBuild { .. } => InferenceError::new_err(message),
     }
 }
 
