@@ -310,6 +310,15 @@ fn io_binding_scores_equal_the_plain_path_bit_for_bit() {
             plain.score_image(&image).unwrap(),
             "{name}"
         );
+        // `run_batch` with more than a batch is split, not refused by the bound buffers.
+        let inputs: Vec<_> = (0..9)
+            .map(|s| bound.prepare(&picture(40 + s, 30, s)).unwrap())
+            .collect();
+        assert_eq!(
+            bound.run_batch(&inputs).unwrap(),
+            plain.run_batch(&inputs).unwrap(),
+            "{name}"
+        );
     }
 }
 

@@ -504,14 +504,24 @@ impl Scorer {
         }
     }
 
+    // Batches above the batch size (a caller of `run_batch` may pass one) are split: bound
+    // buffers and TensorRT profiles end at it.
     fn run_f32(&self, data: &[f32]) -> Result<Vec<Vec<f32>>, ScoreError> {
-        let rows = data.len() / self.input_len();
-        self.pool.run(Batch::PixelValues { data, rows })
+        let mut out = Vec::new();
+        for data in data.chunks(self.batch_size() * self.input_len()) {
+            let rows = data.len() / self.input_len();
+            out.extend(self.pool.run(Batch::PixelValues { data, rows })?);
+        }
+        Ok(out)
     }
 
     fn run_u8(&self, data: &[u8]) -> Result<Vec<Vec<f32>>, ScoreError> {
-        let rows = data.len() / self.input_len();
-        self.pool.run(Batch::PixelsUint8 { data, rows })
+        let mut out = Vec::new();
+        for data in data.chunks(self.batch_size() * self.input_len()) {
+            let rows = data.len() / self.input_len();
+            out.extend(self.pool.run(Batch::PixelsUint8 { data, rows })?);
+        }
+        Ok(out)
     }
 }
 
