@@ -119,7 +119,14 @@ impl Scorer {
         let devices = options.device_id.ids().to_vec();
         let mut notes = Vec::new();
         let first = providers::open_session(
-            &model, path, &options, &facts, devices[0], None, None, &mut notes,
+            &model,
+            path,
+            &options,
+            &facts,
+            options.device_id.first(),
+            None,
+            None,
+            &mut notes,
         )?;
         let provider = first.provider;
         let contract = contract::check_contract(&first.session, path)?;
