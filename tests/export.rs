@@ -487,6 +487,21 @@ fn triton_repositories_follow_tritons_schema() {
                 "FP32"
             };
             assert_eq!(trt["parameters"]["precision_mode"], precision);
+            // The runtime's TensorRT profile: batches 1..=max_batch_size, one engine.
+            let shape = |n: u32| match input {
+                InputKind::PixelValues => format!("pixel_values:{n}x3x224x224"),
+                InputKind::PixelsUint8 => format!("pixels_uint8:{n}x224x224x3"),
+            };
+            let max = options.max_batch_size;
+            assert_eq!(trt["parameters"]["trt_profile_min_shapes"], shape(1));
+            assert_eq!(trt["parameters"]["trt_profile_opt_shapes"], shape(max));
+            assert_eq!(trt["parameters"]["trt_profile_max_shapes"], shape(max));
+            let fallback = &trt["parameters"]["trt_layer_norm_fp32_fallback"];
+            if options.tensorrt_fp16 {
+                assert_eq!(fallback, "true");
+            } else {
+                assert!(fallback.is_null(), "{fallback}");
+            }
         } else {
             assert!(accelerators.is_null());
         }

@@ -99,6 +99,10 @@ struct Args {
     /// TensorRT engines in FP32 instead of FP16.
     #[arg(long)]
     tensorrt_fp32: bool,
+    /// Batch size Triton's TensorRT engine is tuned for (default: --triton-max-batch); its
+    /// profile spans 1..=--triton-max-batch either way, as the runtime's does.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    triton_trt_opt_batch: Option<u32>,
     /// Write a JSON report (sizes, timings, verification) here.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -230,6 +234,7 @@ fn main() -> anyhow::Result<()> {
                 },
                 tensorrt: !args.no_tensorrt,
                 tensorrt_fp16: !args.tensorrt_fp32,
+                tensorrt_opt_batch: args.triton_trt_opt_batch,
                 ..TritonOptions::default()
             },
         }),

@@ -8,6 +8,7 @@ use std::str::FromStr;
 use std::time::Instant;
 
 use agiqa_runtime::atomic_file::write_atomic;
+use agiqa_runtime::metadata::Int8Mode;
 use agiqa_trainer::checkpoint::{load_checkpoint, CheckpointMeta, LoadedCheckpoint};
 use agiqa_trainer::clip::Clip;
 use agiqa_trainer::tokenizer::ClipTokenizer;
@@ -137,10 +138,13 @@ pub fn export_checkpoints(options: &CheckpointExport) -> Result<ExportReport, Ex
     let build_started = Instant::now();
     let model = match &options.int8 {
         Some(int8) => {
-            if options.triton.as_ref().is_some_and(|t| t.options.tensorrt) {
+            // TensorRT takes static QDQ graphs (INT8 engines), not run-time quantisation.
+            if int8.plan.mode == Int8Mode::Dynamic
+                && options.triton.as_ref().is_some_and(|t| t.options.tensorrt)
+            {
                 return Err(ExportError::Unsupported(
-                    "int8 graphs have not been run through Triton's TensorRT accelerator; \
-                     pass --no-tensorrt with --triton"
+                    "TensorRT cannot build dynamic int8 graphs; pass --int8 static, or \
+                     --no-tensorrt with --triton"
                         .into(),
                 ));
             }
@@ -163,8 +167,15 @@ pub fn export_checkpoints(options: &CheckpointExport) -> Result<ExportReport, Ex
     };
     let triton = match &options.triton {
         Some(entry) => {
+            let triton_options = TritonOptions {
+                tensorrt_int8: options
+                    .int8
+                    .as_ref()
+                    .is_some_and(|i| i.plan.mode == Int8Mode::Static),
+                ..entry.options.clone()
+            };
             let config = config_pbtxt(
-                &entry.options,
+                &triton_options,
                 input,
                 model.metadata.preprocessing.image_size,
                 model.metadata.heads.len(),

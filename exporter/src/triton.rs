@@ -41,8 +41,13 @@ pub struct TritonOptions {
     pub kind: InstanceKind,
     /// Let ONNX Runtime hand the graph to TensorRT (GPU instances only).
     pub tensorrt: bool,
-    /// Build TensorRT engines in FP16.
+    /// Build TensorRT engines in FP16 (LayerNorm kept in FP32, as the runtime does).
     pub tensorrt_fp16: bool,
+    /// The graph is a static (QDQ) int8 graph: TensorRT builds INT8 engines from its scales.
+    pub tensorrt_int8: bool,
+    /// Batch size TensorRT tunes its engine for; `None`: `max_batch_size`. The profile always
+    /// spans 1..=`max_batch_size`, so no batch the dynamic batcher forms rebuilds the engine.
+    pub tensorrt_opt_batch: Option<u32>,
 }
 
 impl Default for TritonOptions {
@@ -56,6 +61,8 @@ impl Default for TritonOptions {
             kind: InstanceKind::Gpu,
             tensorrt: true,
             tensorrt_fp16: true,
+            tensorrt_int8: false,
+            tensorrt_opt_batch: None,
         }
     }
 }
@@ -75,6 +82,15 @@ impl TritonOptions {
         {
             return Err(ExportError::Unsupported(format!(
                 "preferred batch size {b} is outside 1..={}",
+                self.max_batch_size
+            )));
+        }
+        if let Some(opt) = self
+            .tensorrt_opt_batch
+            .filter(|&b| b == 0 || b > self.max_batch_size)
+        {
+            return Err(ExportError::Unsupported(format!(
+                "TensorRT opt batch {opt} is outside 1..={}",
                 self.max_batch_size
             )));
         }
@@ -145,17 +161,45 @@ pub fn config_pbtxt(
         options.instances
     );
     if options.tensorrt {
-        let precision = if options.tensorrt_fp16 {
-            "FP16"
-        } else {
-            "FP32"
-        };
-        let _ = writeln!(
-            w,
-            "optimization {{\n  execution_accelerators {{\n    gpu_execution_accelerator: [\n      {{\n        name: \"tensorrt\"\n        parameters {{ key: \"precision_mode\" value: \"{precision}\" }}\n        parameters {{ key: \"max_workspace_size_bytes\" value: \"1073741824\" }}\n      }}\n    ]\n  }}\n}}"
-        );
+        let _ = writeln!(w, "{}", tensorrt_accelerator(options, input, r));
     }
     Ok(text)
+}
+
+/// Triton's onnxruntime backend `tensorrt` accelerator: the same choices as the runtime's
+/// TensorRT set-up (precision, LayerNorm in FP32 under FP16, a batch profile from 1 to the
+/// largest batch). The backend takes one `precision_mode` (FP32, FP16, BF16 or INT8) and
+/// passes the `trt_profile_*_shapes` keys through to ONNX Runtime as they are.
+fn tensorrt_accelerator(options: &TritonOptions, input: InputKind, r: u32) -> String {
+    let precision = match (options.tensorrt_int8, options.tensorrt_fp16) {
+        (true, _) => "INT8",
+        (false, true) => "FP16",
+        (false, false) => "FP32",
+    };
+    let shape = |n: u32| match input {
+        InputKind::PixelValues => format!("{INPUT_PIXEL_VALUES}:{n}x3x{r}x{r}"),
+        InputKind::PixelsUint8 => format!("{INPUT_PIXELS_UINT8}:{n}x{r}x{r}x3"),
+    };
+    let max = options.max_batch_size;
+    let opt = options.tensorrt_opt_batch.unwrap_or(max);
+    let mut parameters = vec![
+        ("precision_mode", precision.to_string()),
+        ("max_workspace_size_bytes", "1073741824".to_string()),
+        ("trt_profile_min_shapes", shape(1)),
+        ("trt_profile_opt_shapes", shape(opt)),
+        ("trt_profile_max_shapes", shape(max)),
+    ];
+    if options.tensorrt_fp16 && !options.tensorrt_int8 {
+        parameters.push(("trt_layer_norm_fp32_fallback", "true".to_string()));
+    }
+    let parameters: Vec<String> = parameters
+        .into_iter()
+        .map(|(key, value)| format!("        parameters {{ key: \"{key}\" value: \"{value}\" }}"))
+        .collect();
+    format!(
+        "optimization {{\n  execution_accelerators {{\n    gpu_execution_accelerator: [\n      {{\n        name: \"tensorrt\"\n{}\n      }}\n    ]\n  }}\n}}",
+        parameters.join("\n")
+    )
 }
 
 /// Writes `<repo>/<name>/1/model.onnx` and `<repo>/<name>/config.pbtxt`. The model folder is
@@ -208,6 +252,70 @@ mod tests {
             .collect();
         names.sort();
         names
+    }
+
+    /// `key` → `value` of each `parameters { key: "..." value: "..." }` line.
+    fn parameters(config: &str) -> std::collections::BTreeMap<String, String> {
+        config
+            .lines()
+            .filter_map(|line| {
+                let rest = line.trim().strip_prefix("parameters { key: \"")?;
+                let (key, rest) = rest.split_once("\" value: \"")?;
+                let value = rest.strip_suffix("\" }")?;
+                Some((key.to_string(), value.to_string()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn triton_tensorrt_carries_profile_and_precision() {
+        let options = TritonOptions {
+            max_batch_size: 32,
+            preferred_batch_sizes: vec![16, 32],
+            ..TritonOptions::default()
+        };
+        let config = config_pbtxt(&options, InputKind::PixelValues, 224, 1).unwrap();
+        let p = parameters(&config);
+        assert_eq!(p["precision_mode"], "FP16");
+        assert_eq!(p["trt_layer_norm_fp32_fallback"], "true");
+        assert_eq!(p["trt_profile_min_shapes"], "pixel_values:1x3x224x224");
+        assert_eq!(p["trt_profile_opt_shapes"], "pixel_values:32x3x224x224");
+        assert_eq!(p["trt_profile_max_shapes"], "pixel_values:32x3x224x224");
+        assert_eq!(config.matches('{').count(), config.matches('}').count());
+
+        let int8 = TritonOptions {
+            max_batch_size: 64,
+            tensorrt_int8: true,
+            tensorrt_opt_batch: Some(16),
+            ..TritonOptions::default()
+        };
+        let p = parameters(&config_pbtxt(&int8, InputKind::PixelsUint8, 336, 2).unwrap());
+        assert_eq!(p["precision_mode"], "INT8");
+        assert!(!p.contains_key("trt_layer_norm_fp32_fallback"));
+        assert_eq!(p["trt_profile_min_shapes"], "pixels_uint8:1x336x336x3");
+        assert_eq!(p["trt_profile_opt_shapes"], "pixels_uint8:16x336x336x3");
+        assert_eq!(p["trt_profile_max_shapes"], "pixels_uint8:64x336x336x3");
+
+        let fp32 = TritonOptions {
+            tensorrt_fp16: false,
+            ..TritonOptions::default()
+        };
+        let p = parameters(&config_pbtxt(&fp32, InputKind::PixelValues, 224, 1).unwrap());
+        assert_eq!(p["precision_mode"], "FP32");
+
+        let too_big = TritonOptions {
+            tensorrt_opt_batch: Some(65),
+            ..TritonOptions::default()
+        };
+        let err = config_pbtxt(&too_big, InputKind::PixelValues, 224, 1).unwrap_err();
+        assert!(err.to_string().contains("opt batch 65"), "{err}");
+        let off = TritonOptions {
+            tensorrt: false,
+            ..TritonOptions::default()
+        };
+        assert!(
+            parameters(&config_pbtxt(&off, InputKind::PixelValues, 224, 1).unwrap()).is_empty()
+        );
     }
 
     #[test]

@@ -459,3 +459,110 @@ fn fast_decode_is_opt_in_close_and_said_in_the_summary() {
     assert!(exact != fast, "reduced decoding gave the exact score");
     assert!((exact - fast).abs() < 0.01, "exact {exact}, fast {fast}");
 }
+
+/// `score` on one folder with extra flags: exit status, stdout lines as JSON, stderr.
+fn score_with(model_name: &str, images: &Path, flags: &[&str]) -> (bool, Vec<Value>, String) {
+    let m = model(model_name);
+    let mut args = vec!["score", "--model", m.to_str().unwrap(), "--quiet"];
+    args.extend(flags);
+    args.push(images.to_str().unwrap());
+    let output = agiqa(&args);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let mut lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    lines.sort_by(|a, b| a["path"].as_str().cmp(&b["path"].as_str()));
+    (
+        output.status.success(),
+        lines,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn session_and_binding_flags_score_the_same_uint8_model() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, bytes) in good_images().into_iter().take(5) {
+        std::fs::write(dir.path().join(name), bytes).unwrap();
+    }
+    let (ok, plain, stderr) = score_with("mean_u8.onnx", dir.path(), &["--provider", "cpu"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(plain.len(), 5);
+    assert!(
+        stderr.contains("input pixels_uint8") && !stderr.contains("IoBinding"),
+        "{stderr}"
+    );
+    let (ok, tuned, stderr) = score_with(
+        "mean_u8.onnx",
+        dir.path(),
+        &[
+            "--provider=cpu",
+            "--io-binding",
+            "--batch-size=2",
+            "--sessions=2",
+            "--device-id=0",
+            "--graph-optimization=basic",
+            "--no-memory-pattern",
+            "--no-cpu-arena",
+            "--spin",
+            "--trt-max-batch=8",
+            "--cudnn-conv-search=heuristic",
+        ],
+    );
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("IoBinding") && stderr.contains("2 sessions"),
+        "{stderr}"
+    );
+    assert_eq!(tuned, plain, "IoBinding and session knobs change no score");
+}
+
+#[test]
+fn gpu_flags_are_checked_and_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.png"), &good_images()[1].1).unwrap();
+    // Parse errors (exit status 2) name the flag.
+    for (flag, words) in [
+        ("--device-id=0,0", "twice"),
+        ("--device-id=0,x", "GPU ordinal"),
+        (
+            "--graph-optimization=max",
+            "disable, basic, extended or all",
+        ),
+        ("--cudnn-conv-search=fast", "exhaustive or heuristic"),
+    ] {
+        let m = model("mean_f32.onnx");
+        let output = agiqa(&["score", "--model", m.to_str().unwrap(), flag, "a.png"]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{flag}: {stderr}");
+        assert!(stderr.contains(words), "{flag}: {stderr}");
+    }
+    // A list of devices is accepted (and ignored on CPU, with a note).
+    let (ok, lines, stderr) = score_with(
+        "mean_f32.onnx",
+        dir.path(),
+        &["--provider=cpu", "--device-id=0,1"],
+    );
+    assert!(ok && lines.len() == 1, "{stderr}");
+    assert!(
+        stderr.contains("--device-id 0,1 ignored on cpu"),
+        "{stderr}"
+    );
+    // Combinations that cannot work are refused before scoring.
+    let (ok, _, stderr) = score_with(
+        "mean_f32.onnx",
+        dir.path(),
+        &["--provider=cpu", "--cuda-graph"],
+    );
+    assert!(
+        !ok && stderr.contains("--cuda-graph needs --provider cuda"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = score_with(
+        "mean_f32.onnx",
+        dir.path(),
+        &["--provider=tensorrt", "--batch-size=8", "--trt-max-batch=4"],
+    );
+    assert!(!ok && stderr.contains("below the batch size 8"), "{stderr}");
+}

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use agiqa_runtime::preprocess::{decode_image, DecodeLimits, CLIP_MEAN, CLIP_STD};
 use agiqa_runtime::scorer::{
-    ExecutionProvider, InputKind, ScoreError, Scorer, ScorerOptions, TensorBatch,
+    DeviceIds, ExecutionProvider, GraphOptimization, InputKind, ScoreError, Scorer, ScorerOptions,
+    TensorBatch, TensorRtProfile,
 };
 use common::{bad_images, cpu_options, good_images, load, model, picture};
 use image::RgbImage;
@@ -241,4 +242,224 @@ fn one_scorer_serves_many_threads() {
             assert!((score - expected_uniform(t as u8 * 50)).abs() < 1e-5);
         }
     }
+}
+
+/// Scores of every way a batch can be cut (1, partial, full, several chunks) as raw bits.
+fn tensor_scores(scorer: &Scorer, images: usize) -> Vec<Vec<u32>> {
+    let len = scorer.input_len();
+    let bits = |scores: Vec<Vec<f32>>| -> Vec<Vec<u32>> {
+        scores
+            .into_iter()
+            .map(|row| row.into_iter().map(f32::to_bits).collect())
+            .collect()
+    };
+    let mut out = Vec::new();
+    for n in [1, 3, scorer.batch_size(), images] {
+        let scores = match scorer.input_kind() {
+            InputKind::PixelValues => {
+                let data: Vec<f32> = (0..n * len)
+                    .map(|i| ((i * 7919) % 1000) as f32 / 250.0 - 2.0)
+                    .collect();
+                scorer
+                    .score_tensor(TensorBatch::PixelValues(&data))
+                    .unwrap()
+            }
+            InputKind::PixelsUint8 => {
+                let data: Vec<u8> = (0..n * len).map(|i| ((i * 7919) % 256) as u8).collect();
+                scorer
+                    .score_tensor(TensorBatch::PixelsUint8(&data))
+                    .unwrap()
+            }
+        };
+        assert_eq!(scores.len(), n);
+        out.extend(bits(scores));
+    }
+    out
+}
+
+#[test]
+fn io_binding_scores_equal_the_plain_path_bit_for_bit() {
+    for name in [
+        "mean_f32.onnx",
+        "mean_u8.onnx",
+        "three_heads.onnx",
+        "conv224.onnx",
+    ] {
+        let plain = load(name);
+        assert!(
+            !plain.uses_io_binding(),
+            "IoBinding is off on CPU by default"
+        );
+        let bound = Scorer::load(
+            &model(name),
+            ScorerOptions {
+                io_binding: Some(true),
+                ..cpu_options()
+            },
+        )
+        .unwrap();
+        assert!(bound.uses_io_binding());
+        let want = tensor_scores(&plain, 11);
+        // Twice: the second pass runs on the reused buffers.
+        for pass in 0..2 {
+            assert_eq!(tensor_scores(&bound, 11), want, "{name}, pass {pass}");
+        }
+        let image = picture(70, 50, 3);
+        assert_eq!(
+            bound.score_image(&image).unwrap(),
+            plain.score_image(&image).unwrap(),
+            "{name}"
+        );
+        // `run_batch` with more than a batch is split, not refused by the bound buffers.
+        let inputs: Vec<_> = (0..9)
+            .map(|s| bound.prepare(&picture(40 + s, 30, s)).unwrap())
+            .collect();
+        assert_eq!(
+            bound.run_batch(&inputs).unwrap(),
+            plain.run_batch(&inputs).unwrap(),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn session_knobs_load_and_score_the_same() {
+    let baseline = load("three_heads.onnx");
+    let want = tensor_scores(&baseline, 6);
+    for (what, options) in [
+        (
+            "no optimisation",
+            ScorerOptions {
+                graph_optimization: GraphOptimization::Disable,
+                ..cpu_options()
+            },
+        ),
+        (
+            "basic",
+            ScorerOptions {
+                graph_optimization: GraphOptimization::Basic,
+                ..cpu_options()
+            },
+        ),
+        (
+            "no memory pattern, no arena, no spin",
+            ScorerOptions {
+                memory_pattern: false,
+                cpu_arena: false,
+                spin: Some(false),
+                ..cpu_options()
+            },
+        ),
+    ] {
+        let scorer = Scorer::load(&model("three_heads.onnx"), options).unwrap();
+        let got = tensor_scores(&scorer, 6);
+        for (a, b) in got.iter().flatten().zip(want.iter().flatten()) {
+            let (a, b) = (f32::from_bits(*a), f32::from_bits(*b));
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                "{what}: {a} vs {b}"
+            );
+        }
+    }
+}
+
+#[test]
+fn sessions_multiply_and_cpu_ignores_device_lists() {
+    let options = ScorerOptions {
+        sessions: 3,
+        device_id: "0,1".parse::<DeviceIds>().unwrap(),
+        ..cpu_options()
+    };
+    let scorer = Scorer::load(&model("mean_f32.onnx"), options).unwrap();
+    assert_eq!(scorer.session_devices(), [0, 0, 0]);
+    assert!(
+        scorer
+            .provider_notes()
+            .iter()
+            .any(|n| n.contains("--device-id 0,1 ignored on cpu")),
+        "{:?}",
+        scorer.provider_notes()
+    );
+}
+
+/// `mean_f32.onnx` with one `com.microsoft` node merged into its graph (protobuf concatenation
+/// merges repeated fields), written to a temporary file.
+fn with_microsoft_node(dir: &std::path::Path) -> std::path::PathBuf {
+    fn len_field(number: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![number << 3 | 2];
+        let mut len = payload.len();
+        while len >= 0x80 {
+            out.push((len & 0x7f) as u8 | 0x80);
+            len >>= 7;
+        }
+        out.push(len as u8);
+        out.extend_from_slice(payload);
+        out
+    }
+    let mut node = len_field(4, b"FusedMatMul");
+    node.extend(len_field(7, b"com.microsoft"));
+    let mut bytes = std::fs::read(model("mean_f32.onnx")).unwrap();
+    bytes.extend(len_field(7, &len_field(1, &node)));
+    let path = dir.join("fused.onnx");
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn tensorrt_refuses_graphs_with_microsoft_ops_before_registering() {
+    let dir = tempfile::tempdir().unwrap();
+    let fused = with_microsoft_node(dir.path());
+    let options = ScorerOptions {
+        provider: ExecutionProvider::TensorRt,
+        ..cpu_options()
+    };
+    let err = Scorer::load(&fused, options).unwrap_err();
+    assert!(matches!(err, ScoreError::UnsupportedOps { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("FusedMatMul") && text.contains("com.microsoft"),
+        "{text}"
+    );
+    // CUDA is not refused for it: it fails here only because this library has no CUDA.
+    let options = ScorerOptions {
+        provider: ExecutionProvider::Cuda,
+        ..cpu_options()
+    };
+    let err = Scorer::load(&fused, options).unwrap_err();
+    assert!(
+        matches!(err, ScoreError::ProviderUnavailable { .. }),
+        "{err:?}"
+    );
+    // The plain fixture is not refused on TensorRT (it fails for want of the library).
+    let options = ScorerOptions {
+        provider: ExecutionProvider::TensorRt,
+        ..cpu_options()
+    };
+    let err = Scorer::load(&model("mean_f32.onnx"), options).unwrap_err();
+    assert!(
+        matches!(err, ScoreError::ProviderUnavailable { .. }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn cuda_graphs_and_bad_profiles_are_refused_at_load() {
+    let options = ScorerOptions {
+        cuda_graph: true,
+        ..cpu_options()
+    };
+    let err = Scorer::load(&model("mean_f32.onnx"), options).unwrap_err();
+    assert!(matches!(err, ScoreError::Options(_)), "{err:?}");
+    let options = ScorerOptions {
+        provider: ExecutionProvider::TensorRt,
+        batch_size: 8,
+        tensorrt_profile: Some(TensorRtProfile {
+            min: 1,
+            opt: 4,
+            max: 4,
+        }),
+        ..cpu_options()
+    };
+    let err = Scorer::load(&model("mean_f32.onnx"), options).unwrap_err();
+    assert!(err.to_string().contains("below the batch size 8"), "{err}");
 }

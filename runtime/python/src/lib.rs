@@ -81,12 +81,14 @@ fn py_error(e: &ScoreError) -> PyErr {
         ScoreError::Load { .. } | ScoreError::Contract { .. } | ScoreError::Metadata { .. } => {
             ModelError::new_err(message)
         }
-        ScoreError::ProviderUnavailable { .. } | ScoreError::ProviderRefused(_) => {
-            ProviderError::new_err(message)
-        }
+        ScoreError::ProviderUnavailable { .. }
+        | ScoreError::ProviderRefused(_)
+        | ScoreError::UnsupportedOps { .. } => ProviderError::new_err(message),
         ScoreError::Preprocess(_) => ImageError::new_err(message),
-        ScoreError::Tensor(_) => InputError::new_err(message),
-        ScoreError::Inference(_) => InferenceError::new_err(message),
+        ScoreError::Tensor(_) | ScoreError::Options(_) => InputError::new_err(message),
+        ScoreError::Inference(_)
+        | ScoreError::GpuOutOfMemory { .. }
+        | ScoreError::TensorRtBuild { .. } => InferenceError::new_err(message),
     }
 }
 
@@ -138,7 +140,7 @@ impl PyScorer {
             provider,
             threads,
             batch_size,
-            device_id,
+            device_id: device_id.into(),
             // As `agiqa score`: idle inference threads must not spin while the decoders work.
             intra_op_spinning: false,
             ort_lib,
@@ -501,7 +503,7 @@ fn score_files(
             provider: provider.parse().map_err(ProviderError::new_err)?,
             threads,
             batch_size,
-            device_id,
+            device_id: device_id.into(),
             ort_lib,
             ..ScorerOptions::default()
         },

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use agiqa_runtime::batch_io::OutputFormat;
 use agiqa_runtime::preprocess::{DecodeLimits, JpegDecoding};
-use agiqa_runtime::scorer::{ExecutionProvider, ScorerOptions};
+use agiqa_runtime::scorer::{
+    ConvSearch, DeviceIds, ExecutionProvider, GraphOptimization, ScorerOptions, TensorRtProfile,
+};
 use clap::builder::RangedU64ValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -101,18 +103,63 @@ pub struct ModelArgs {
     /// Most images per inference batch.
     #[arg(long, env = "AGIQA_BATCH_SIZE", default_value_t = 16, value_parser = count(1, 65_536))]
     pub batch_size: usize,
-    /// GPU ordinal for CUDA and TensorRT.
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=1023))]
-    pub device_id: i32,
+    /// GPU ordinals for CUDA and TensorRT: one (`0`) or several (`0,1`); batches go to the
+    /// least busy session.
+    #[arg(long, default_value = "0")]
+    pub device_id: DeviceIds,
     /// TensorRT: build fp16 engines (LayerNorm stays fp32).
     #[arg(long)]
     pub trt_fp16: bool,
-    /// TensorRT: engine and timing cache folder (skips rebuilding engines on later starts).
+    /// TensorRT: engine and timing cache folder (skips rebuilding engines on later starts);
+    /// engines go in a subfolder keyed by model, ONNX Runtime, TensorRT, GPU, precision, profile.
     #[arg(long)]
     pub trt_cache: Option<PathBuf>,
-    /// Independent inference sessions (weights shared); more lets requests run in parallel.
+    /// TensorRT: batch size the engine is tuned for (default: --batch-size).
+    #[arg(long, value_parser = count(1, 65_536))]
+    pub trt_opt_batch: Option<usize>,
+    /// TensorRT: largest batch the engine takes (default: --batch-size); the profile's
+    /// smallest is 1, so a last partial batch never rebuilds the engine.
+    #[arg(long, value_parser = count(1, 65_536))]
+    pub trt_max_batch: Option<usize>,
+    /// Independent inference sessions per device (weights shared); more lets requests run in
+    /// parallel.
     #[arg(long, default_value_t = 1, value_parser = count(1, 256))]
     pub sessions: usize,
+    /// Bind inputs and outputs to reused buffers (pinned host memory on CUDA); the default on
+    /// CUDA and TensorRT.
+    #[arg(long, overrides_with = "no_io_binding")]
+    pub io_binding: bool,
+    /// Hand ONNX Runtime fresh tensors each run instead (the default on CPU).
+    #[arg(long, overrides_with = "io_binding")]
+    pub no_io_binding: bool,
+    /// CUDA graphs: capture one run and replay it (CUDA/TensorRT; needs IoBinding; partial
+    /// batches are padded to --batch-size).
+    #[arg(long)]
+    pub cuda_graph: bool,
+    /// cuDNN convolution algorithm search on CUDA: exhaustive (benchmarks each shape once; the
+    /// load-time warm-up takes it) or heuristic (no search: many batch sizes, tight memory).
+    #[arg(long, default_value = "exhaustive")]
+    pub cudnn_conv_search: ConvSearch,
+    /// No warm-up batch at load (GPU providers run one by default: TensorRT engine build,
+    /// cuDNN search).
+    #[arg(long)]
+    pub no_warmup: bool,
+    /// ONNX Runtime graph optimisation level: disable, basic, extended or all.
+    #[arg(long, default_value = "all")]
+    pub graph_optimization: GraphOptimization,
+    /// Turn off ONNX Runtime's memory pattern (allocation plan from the first run's shapes).
+    #[arg(long)]
+    pub no_memory_pattern: bool,
+    /// Turn off the CPU provider's arena allocator.
+    #[arg(long)]
+    pub no_cpu_arena: bool,
+    /// Let idle ONNX Runtime threads spin (default: on for `serve` and model-only `bench`, off
+    /// where decoding shares the cores: `score`, end-to-end `bench`).
+    #[arg(long, overrides_with = "no_spin")]
+    pub spin: bool,
+    /// Never let idle ONNX Runtime threads spin.
+    #[arg(long, overrides_with = "spin")]
+    pub no_spin: bool,
     /// Largest accepted image width or height, in pixels.
     #[arg(long, default_value_t = DecodeLimits::default().max_side,
           value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
@@ -135,15 +182,41 @@ impl ModelArgs {
     /// The scorer these flags ask for (spinning ONNX Runtime threads, as ONNX Runtime runs by
     /// default; `score` and end-to-end `bench` turn spinning off).
     pub fn options(&self) -> ScorerOptions {
+        let either = |on: bool, off: bool| match (on, off) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        };
+        let tensorrt_profile =
+            (self.trt_opt_batch.is_some() || self.trt_max_batch.is_some()).then(|| {
+                let opt = self.trt_opt_batch.unwrap_or(
+                    self.trt_max_batch
+                        .map_or(self.batch_size, |max| max.min(self.batch_size)),
+                );
+                TensorRtProfile {
+                    min: 1,
+                    opt,
+                    max: self.trt_max_batch.unwrap_or(opt.max(self.batch_size)),
+                }
+            });
         ScorerOptions {
             provider: self.provider,
             threads: self.threads,
             batch_size: self.batch_size,
-            device_id: self.device_id,
+            device_id: self.device_id.clone(),
             tensorrt_fp16: self.trt_fp16,
             tensorrt_cache_dir: self.trt_cache.clone(),
+            tensorrt_profile,
             sessions: self.sessions,
             intra_op_spinning: true,
+            spin: either(self.spin, self.no_spin),
+            graph_optimization: self.graph_optimization,
+            memory_pattern: !self.no_memory_pattern,
+            cpu_arena: !self.no_cpu_arena,
+            io_binding: either(self.io_binding, self.no_io_binding),
+            cuda_graph: self.cuda_graph,
+            cudnn_conv_search: self.cudnn_conv_search,
+            warmup: self.no_warmup.then_some(false),
             decode_limits: DecodeLimits {
                 max_side: self.max_side,
                 max_pixels: self.max_pixels,

@@ -193,11 +193,27 @@ fn describe(model: &Path, scorer: &Scorer) {
     for note in scorer.provider_notes() {
         eprintln!("note: {note}");
     }
+    let devices = scorer.session_devices();
+    let placement = if scorer.provider().is_gpu() {
+        let mut gpus: Vec<String> = devices.iter().map(i32::to_string).collect();
+        gpus.dedup();
+        gpus.sort();
+        gpus.dedup();
+        format!("{} sessions on GPU {}", devices.len(), gpus.join(","))
+    } else {
+        format!("{} sessions", devices.len())
+    };
     eprintln!(
-        "model {} on {} (heads: {})",
+        "model {} on {} (heads: {}; input {}; {placement}{})",
         model.display(),
         scorer.provider(),
-        scorer.head_names().join(", ")
+        scorer.head_names().join(", "),
+        scorer.input_kind().name(),
+        if scorer.uses_io_binding() {
+            "; IoBinding"
+        } else {
+            ""
+        }
     );
 }
 
