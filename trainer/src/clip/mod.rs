@@ -411,6 +411,63 @@ mod tests {
     }
 
     #[test]
+    fn lower_precisions_cast_all_but_norms_and_keep_the_fingerprint() {
+        let cosine = |a: &Tensor, b: &Tensor| {
+            let n = |t: &Tensor| t / t.norm_scalaropt_dim(2, [-1i64].as_slice(), true);
+            (n(a) * n(b)).sum_dim_intlist(-1, false, Kind::Float).min().double_value(&[])
+        };
+        for config in [tiny_vit(), tiny_resnet()] {
+            let fp32 = Clip::random(&config, 4, Device::Cpu);
+            let r = config.image_resolution();
+            let pixels = Tensor::randn([2, 3, r, r], (Kind::Float, Device::Cpu));
+            let eot = Tensor::from_slice(&[3i64, 6]);
+            for (precision, min_cosine) in [(Precision::Fp16, 0.999), (Precision::Bf16, 0.99)] {
+                let mut clip = fp32.clone_frozen();
+                clip.set_precision(precision);
+                assert_eq!(clip.precision(), precision);
+                assert_eq!(clip.fingerprint(), fp32.fingerprint());
+                let (mut cast, mut kept) = (0, 0);
+                for (name, t) in clip.named_tensors() {
+                    if !t.is_floating_point() {
+                        continue;
+                    }
+                    if norm::stays_fp32(&name) {
+                        assert_eq!(t.kind(), Kind::Float, "{name}");
+                        kept += 1;
+                    } else {
+                        assert_eq!(t.kind(), precision.kind(), "{name}");
+                        cast += 1;
+                    }
+                }
+                assert!(cast > 10 && kept > 4, "{cast} cast, {kept} kept");
+                // A copy keeps the precision and the (rounded) values.
+                let copy = clip.clone_frozen();
+                assert_eq!(copy.precision(), precision);
+                assert!(copy.encode_image(&pixels).equal(&clip.encode_image(&pixels)));
+                // fp32 at the boundary, close to the fp32 model.
+                let image = clip.encode_image(&pixels);
+                assert_eq!(image.kind(), Kind::Float);
+                let c = cosine(&image, &fp32.encode_image(&pixels));
+                assert!(c > min_cosine, "{precision} image cosine {c}");
+                let text = clip.encode_text(&ids());
+                let c = cosine(&text, &fp32.encode_text(&ids()));
+                assert!(c > min_cosine, "{precision} text cosine {c}");
+                // An fp32 prompt gets an fp32 gradient through the low-precision tower.
+                let embedded = fp32
+                    .embed_tokens(&ids())
+                    .detach()
+                    .set_requires_grad(true);
+                let features = clip.encode_text_embedded(&embedded, &eot);
+                assert_eq!(features.kind(), Kind::Float);
+                features.sum(Kind::Float).backward();
+                let grad = embedded.grad();
+                assert_eq!(grad.kind(), Kind::Float);
+                assert!(grad.abs().sum(Kind::Float).double_value(&[]) > 0.);
+            }
+        }
+    }
+
+    #[test]
     fn state_dict_round_trip_and_inference() {
         for config in [tiny_vit(), tiny_resnet()] {
             let clip = Clip::random(&config, 3, Device::Cpu);
