@@ -414,7 +414,10 @@ mod tests {
     fn lower_precisions_cast_all_but_norms_and_keep_the_fingerprint() {
         let cosine = |a: &Tensor, b: &Tensor| {
             let n = |t: &Tensor| t / t.norm_scalaropt_dim(2, [-1i64].as_slice(), true);
-            (n(a) * n(b)).sum_dim_intlist(-1, false, Kind::Float).min().double_value(&[])
+            (n(a) * n(b))
+                .sum_dim_intlist(-1, false, Kind::Float)
+                .min()
+                .double_value(&[])
         };
         for config in [tiny_vit(), tiny_resnet()] {
             let fp32 = Clip::random(&config, 4, Device::Cpu);
@@ -443,7 +446,9 @@ mod tests {
                 // A copy keeps the precision and the (rounded) values.
                 let copy = clip.clone_frozen();
                 assert_eq!(copy.precision(), precision);
-                assert!(copy.encode_image(&pixels).equal(&clip.encode_image(&pixels)));
+                assert!(copy
+                    .encode_image(&pixels)
+                    .equal(&clip.encode_image(&pixels)));
                 // fp32 at the boundary, close to the fp32 model.
                 let image = clip.encode_image(&pixels);
                 assert_eq!(image.kind(), Kind::Float);
@@ -453,10 +458,7 @@ mod tests {
                 let c = cosine(&text, &fp32.encode_text(&ids()));
                 assert!(c > min_cosine, "{precision} text cosine {c}");
                 // An fp32 prompt gets an fp32 gradient through the low-precision tower.
-                let embedded = fp32
-                    .embed_tokens(&ids())
-                    .detach()
-                    .set_requires_grad(true);
+                let embedded = fp32.embed_tokens(&ids()).detach().set_requires_grad(true);
                 let features = clip.encode_text_embedded(&embedded, &eot);
                 assert_eq!(features.kind(), Kind::Float);
                 features.sum(Kind::Float).backward();

@@ -188,14 +188,7 @@ impl TrainJob<'_> {
         self.config
             .validate()
             .map_err(|e| TrainError::Invalid(e.to_string()))?;
-        std::fs::create_dir_all(&self.out_dir).map_err(write_err(&self.out_dir))?;
-        let config_path = self.out_dir.join("config.toml");
-        write_atomic(&config_path, self.config.to_toml().as_bytes())
-            .map_err(write_err(&config_path))?;
-        let expected = self
-            .config
-            .precision_on(self.clip.device())
-            .map_err(|e| TrainError::Invalid(e.to_string()))?;
+        let expected = self.config.precision_on(self.clip.device())?;
         if self.clip.precision() != expected {
             return Err(TrainError::Invalid(format!(
                 "CLIP computes in {} but the configuration asks for {expected} on {}; cast it \
@@ -204,6 +197,10 @@ impl TrainJob<'_> {
                 device_name(self.clip.device())
             )));
         }
+        std::fs::create_dir_all(&self.out_dir).map_err(write_err(&self.out_dir))?;
+        let config_path = self.out_dir.join("config.toml");
+        write_atomic(&config_path, self.config.to_toml().as_bytes())
+            .map_err(write_err(&config_path))?;
         let splits = splits_for(self.dataset, &self.config.protocol, self.config.seed)?;
         let fingerprint = clip_fingerprint(self.clip);
         let features = self.features(&fingerprint)?;
