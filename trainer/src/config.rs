@@ -8,6 +8,7 @@ use agiqa_runtime::preprocess::{Alpha, ExifOrientation, Preprocessing, RandomRes
 use serde::{Deserialize, Serialize};
 
 use crate::model::{parse_categories, ImageNorm, ModelConfig, Variant};
+use crate::precision::{Precision, PrecisionError};
 use crate::prompt::ContextInit;
 
 /// Everything that defines a training run, except where its data and CLIP weights come from.
@@ -30,6 +31,9 @@ pub struct TrainConfig {
     pub feature_cache: Option<PathBuf>,
     /// `cpu`, `cuda`, `cuda:N` or `auto` (CUDA when available).
     pub device: String,
+    /// The frozen CLIP's precision; `None`: fp16 on CUDA (the reference's), fp32 on CPU. The
+    /// context, head and optimiser are fp32 whatever this says.
+    pub precision: Option<Precision>,
 }
 
 impl Default for TrainConfig {
@@ -45,6 +49,7 @@ impl Default for TrainConfig {
             protocol: ProtocolConfig::default(),
             feature_cache: Some(PathBuf::from(".cache/agiqa-features")),
             device: "auto".into(),
+            precision: None,
         }
     }
 }
@@ -308,6 +313,10 @@ pub struct TrainOverrides {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long)]
     pub device: Option<String>,
+    /// Precision of the frozen CLIP (default: fp16 on CUDA, as the reference; fp32 on CPU).
+    /// The learned context, the head and the optimiser stay fp32.
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
 }
 
 impl TrainConfig {
@@ -403,6 +412,9 @@ impl TrainConfig {
         if let Some(v) = &o.device {
             c.device = v.clone();
         }
+        if let Some(v) = o.precision {
+            c.precision = Some(v);
+        }
         Ok(())
     }
 
@@ -469,6 +481,21 @@ impl TrainConfig {
             return invalid("model.categories is empty".into());
         }
         Ok(())
+    }
+
+    /// The precision CLIP runs in on `device`: the configured one or the device's default,
+    /// checked against what libtorch can run there.
+    pub fn precision_on(&self, device: tch::Device) -> Result<Precision, PrecisionError> {
+        Precision::resolve(self.precision, device)
+    }
+
+    /// Whether a run with `self` can continue one started with `other`: everything equal but
+    /// where it runs (device, precision), which resuming checks on the resolved values.
+    pub fn same_training(&self, other: &TrainConfig) -> bool {
+        let mut other = other.clone();
+        other.device = self.device.clone();
+        other.precision = self.precision;
+        *self == other
     }
 
     /// The configuration as TOML, for `config.toml` beside a run's outputs.
@@ -558,5 +585,26 @@ mod tests {
             toml::from_str::<TrainConfig>("epochz = 5").is_err(),
             "typos must be errors"
         );
+        let bf16: TrainConfig = toml::from_str("precision = \"bf16\"\n").unwrap();
+        assert_eq!(bf16.precision, Some(Precision::Bf16));
+        assert_eq!(
+            toml::from_str::<TrainConfig>(&bf16.to_toml()).unwrap(),
+            bf16
+        );
+        assert!(toml::from_str::<TrainConfig>("precision = \"fp8\"").is_err());
+        // Older config files have no precision: the device's default.
+        assert_eq!(partial.precision, None);
+        assert_eq!(c.precision_on(tch::Device::Cpu).unwrap(), Precision::Fp32);
+        let moved = TrainConfig {
+            device: "cuda".into(),
+            precision: Some(Precision::Fp16),
+            ..c.clone()
+        };
+        assert!(moved.same_training(&c) && moved != c);
+        let longer = TrainConfig {
+            epochs: 7,
+            ..c.clone()
+        };
+        assert!(!longer.same_training(&c));
     }
 }

@@ -10,6 +10,7 @@ use crate::data::DataError;
 use crate::device::DeviceError;
 use crate::features::FeatureError;
 use crate::model::ModelError;
+use crate::precision::PrecisionError;
 use crate::weights::WeightsError;
 
 /// Why training or evaluation stopped.
@@ -31,6 +32,8 @@ pub enum TrainError {
     Plot(#[from] crate::plots::PlotError),
     #[error(transparent)]
     Device(#[from] DeviceError),
+    #[error(transparent)]
+    Precision(#[from] PrecisionError),
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),
     #[error("cannot write {path}: {source}")]

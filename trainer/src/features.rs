@@ -1,8 +1,10 @@
 //! Frozen image features, computed once and cached on disk.
 //!
 //! CLIP's image encoder is frozen, so an image's features depend only on the CLIP weights, the
-//! preprocessing and the image itself. They are cached keyed by exactly those (a fingerprint of
-//! the weights, the preprocessing and view settings, and the SHA-256 of the file's bytes):
+//! preprocessing, the arithmetic (device kind and precision: fp16 CUDA features are not fp32 CPU
+//! features) and the image itself. They are cached keyed by exactly those ([`cache_key`]: a
+//! fingerprint of the weights, the preprocessing and its implementation's version, the view
+//! settings, device kind and precision; then the SHA-256 of the file's bytes):
 //! without augmentation one centre view per image, with augmentation `V` precomputed random
 //! views per image, of which training samples one per epoch. Training then costs only the text
 //! branch and the head. Every image's entry is written as soon as it is computed (atomically),
@@ -19,6 +21,8 @@ use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
 use crate::clip::Clip;
+use crate::device::{catch_oom, device_kind, DeviceError};
+use crate::precision::Precision;
 use crate::synthetic_images::SplitMix64;
 
 /// Which views of each image are encoded.
@@ -62,6 +66,33 @@ pub enum FeatureError {
     },
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+}
+
+/// The cache folder name of features computed with these settings (hex SHA-256). Layout 2 added
+/// the device kind and precision: caches written before have other keys, so they miss (and
+/// are recomputed) rather than being read as features of another precision.
+pub fn cache_key(
+    clip_fingerprint: &str,
+    preprocessing: &Preprocessing,
+    spec: &ViewSpec,
+    device: Device,
+    precision: Precision,
+) -> String {
+    sha256_hex(
+        serde_json::json!({
+            "clip": clip_fingerprint,
+            "preprocessing": preprocessing,
+            "preprocessing_impl": agiqa_runtime::preprocess::PREPROCESSING_IMPL_VERSION,
+            "views": spec,
+            "device": device_kind(device),
+            "precision": precision,
+            "format": 2,
+        })
+        .to_string()
+        .as_bytes(),
+    )
 }
 
 /// SHA-256 (hex) of a byte string.
@@ -73,30 +104,10 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// SHA-256 over CLIP's tensors (names, shapes and fp32 bytes, in name order): the identity of
-/// the frozen weights, whatever file format they came from.
+/// the frozen weights, whatever file format they came from and whatever precision they were
+/// cast to afterwards (see [`Clip::fingerprint`]).
 pub fn clip_fingerprint(clip: &Clip) -> String {
-    let mut hasher = Sha256::new();
-    let mut tensors = clip.named_tensors();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, tensor) in tensors {
-        hasher.update(name.as_bytes());
-        hasher.update(format!("{:?}", tensor.size()).as_bytes());
-        let t = tensor
-            .to_kind(Kind::Float)
-            .to_device(Device::Cpu)
-            .contiguous()
-            .flatten(0, -1);
-        let values: Vec<f32> = Vec::try_from(&t).unwrap_or_default();
-        for chunk in values.chunks(1 << 16) {
-            let bytes: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
-            hasher.update(&bytes);
-        }
-    }
-    hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    clip.fingerprint()
 }
 
 /// The crop box of view `view` of an image with content hash `content`.
@@ -125,9 +136,10 @@ pub struct FeatureExtractor<'a> {
     preprocessor: Preprocessor,
     spec: ViewSpec,
     limits: DecodeLimits,
-    /// `<cache root>/<key>/`, where key = hash(CLIP fingerprint, preprocessing, views).
+    /// `<cache root>/<key>/`, where key = [`cache_key`].
     cache: Option<PathBuf>,
-    /// Images encoded per forward pass.
+    /// Images encoded per forward pass (the run's `--batch-size`; an out-of-memory error says to
+    /// lower it).
     pub batch_size: usize,
 }
 
@@ -141,16 +153,12 @@ impl<'a> FeatureExtractor<'a> {
         spec: ViewSpec,
         cache_root: Option<&Path>,
     ) -> Self {
-        let key = sha256_hex(
-            serde_json::json!({
-                "clip": clip_fingerprint,
-                "preprocessing": preprocessing,
-                "preprocessing_impl": agiqa_runtime::preprocess::PREPROCESSING_IMPL_VERSION,
-                "views": spec,
-                "format": 1,
-            })
-            .to_string()
-            .as_bytes(),
+        let key = cache_key(
+            clip_fingerprint,
+            &preprocessing,
+            &spec,
+            clip.device(),
+            clip.precision(),
         );
         FeatureExtractor {
             clip,
@@ -256,13 +264,17 @@ impl<'a> FeatureExtractor<'a> {
                 )
             })?;
         let size = i64::from(self.preprocessor.config().image_size);
-        let batch = Tensor::from_slice(&pixels)
-            .view([(paths.len() * views) as i64, 3, size, size])
-            .to_device(self.clip.device());
-        let features = tch::no_grad(|| {
-            let f = self.clip.encode_image(&batch).to_kind(Kind::Float);
-            &f / f.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12)
-        });
+        let device = self.clip.device();
+        // One forward over every view of the batch: where a GPU runs out of memory.
+        let features = catch_oom(device, paths.len(), || {
+            let batch = Tensor::from_slice(&pixels)
+                .view([(paths.len() * views) as i64, 3, size, size])
+                .to_device(device);
+            tch::no_grad(|| {
+                let f = self.clip.encode_image(&batch).to_kind(Kind::Float);
+                &f / f.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12)
+            })
+        })?;
         Ok(features.to_device(Device::Cpu).view([
             paths.len() as i64,
             views as i64,
@@ -389,6 +401,79 @@ mod tests {
         let second = again.extract(&paths, &mut |n| calls.push(n)).unwrap();
         assert_eq!(calls, vec![3], "everything should come from the cache");
         assert!(first.equal(&second));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn cache_keys_separate_device_kinds_and_precisions() {
+        let p = Preprocessing::clip(224);
+        let key = |device, precision| cache_key("fp", &p, &ViewSpec::Center, device, precision);
+        let cpu32 = key(Device::Cpu, Precision::Fp32);
+        let keys = [
+            cpu32.clone(),
+            key(Device::Cuda(0), Precision::Fp16),
+            key(Device::Cpu, Precision::Bf16),
+            key(Device::Cpu, Precision::Fp16),
+            key(Device::Cuda(0), Precision::Fp32),
+        ];
+        for (i, a) in keys.iter().enumerate() {
+            for b in &keys[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        // Which GPU index ran it does not change the arithmetic.
+        assert_eq!(
+            key(Device::Cuda(0), Precision::Fp16),
+            key(Device::Cuda(3), Precision::Fp16)
+        );
+        // The layout before device and precision were keyed (format 1) never matches.
+        let old = sha256_hex(
+            serde_json::json!({
+                "clip": "fp",
+                "preprocessing": p,
+                "preprocessing_impl": agiqa_runtime::preprocess::PREPROCESSING_IMPL_VERSION,
+                "views": ViewSpec::Center,
+                "format": 1,
+            })
+            .to_string()
+            .as_bytes(),
+        );
+        assert!(keys.iter().all(|k| k != &old));
+        assert_eq!(cpu32, key(Device::Cpu, Precision::Fp32), "keys are stable");
+    }
+
+    #[test]
+    fn half_precision_features_are_close_to_fp32_and_cached_apart() {
+        let dir = std::env::temp_dir().join(format!("agiqa-features-prec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let paths = images(&dir, 2);
+        let clip = Clip::random(&ClipConfig::preset("tiny").unwrap(), 0, Device::Cpu);
+        let fp = clip_fingerprint(&clip);
+        let p = Preprocessing::clip(clip.config().image_resolution() as u32);
+        let cache = dir.join("cache");
+        let fp32 = FeatureExtractor::new(&clip, &fp, p.clone(), ViewSpec::Center, Some(&cache))
+            .extract(&paths, &mut |_| {})
+            .unwrap();
+        for (precision, tolerance) in [(Precision::Fp16, 5e-3), (Precision::Bf16, 4e-2)] {
+            let mut low = clip.clone_frozen();
+            low.set_precision(precision);
+            assert_eq!(
+                clip_fingerprint(&low),
+                fp,
+                "the fingerprint names the fp32 weights"
+            );
+            let mut calls = Vec::new();
+            let f = FeatureExtractor::new(&low, &fp, p.clone(), ViewSpec::Center, Some(&cache))
+                .extract(&paths, &mut |n| calls.push(n))
+                .unwrap();
+            assert_eq!(
+                calls[0], 0,
+                "{precision}: fp32 cache entries must not be served"
+            );
+            assert_eq!(f.kind(), Kind::Float);
+            let diff = f64::try_from((&f - &fp32).abs().max()).unwrap();
+            assert!(diff > 0. && diff < tolerance, "{precision}: max |Δ| {diff}");
+        }
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -226,7 +226,8 @@ impl std::fmt::Debug for AgiqaModel {
 }
 
 impl AgiqaModel {
-    /// Builds the variant's trainable variables on `clip`'s device (fp32).
+    /// Builds the variant's trainable variables on `clip`'s device (fp32). They are drawn on the
+    /// CPU and then moved, so a seed gives the same initial context and head on every device.
     pub fn new(
         clip: Clip,
         tokenizer: &ClipTokenizer,
@@ -234,7 +235,7 @@ impl AgiqaModel {
     ) -> Result<AgiqaModel, ModelError> {
         config.validate()?;
         let device = clip.device();
-        let vars = nn::VarStore::new(device);
+        let mut vars = nn::VarStore::new(tch::Device::Cpu);
         let root = vars.root();
         let (mut prompt, mut head, mut fixed_text, mut image_norm) = (None, None, None, None);
         let centres = match config.variant {
@@ -257,7 +258,7 @@ impl AgiqaModel {
                         tch::no_grad(|| {
                             whitening
                                 .shallow_clone()
-                                .copy_(&Tensor::eye(embed, (Kind::Float, device)))
+                                .copy_(&Tensor::eye(embed, (Kind::Float, tch::Device::Cpu)))
                         });
                         image_norm =
                             Some((head_path.zeros_no_train("image_mean", &[embed]), whitening));
@@ -283,6 +284,9 @@ impl AgiqaModel {
                 vec![config.score_max, config.score_min]
             }
         };
+        // The prompt learner's and head's tensors hold shallow copies of these variables:
+        // moving the store moves them too (as `Clip::random` does).
+        vars.set_device(device);
         let centres = Tensor::from_slice(&centres)
             .to_kind(Kind::Float)
             .to_device(device);

@@ -18,6 +18,7 @@ use crate::config::TrainConfig;
 use crate::error::TrainError;
 use crate::features::{clip_fingerprint, sha256_hex};
 use crate::model::{AgiqaModel, ModelConfig};
+use crate::precision::Precision;
 use crate::tokenizer::ClipTokenizer;
 
 /// The format tag of [`CheckpointMeta::format`] this version writes and reads.
@@ -48,6 +49,20 @@ pub struct CheckpointMeta {
     /// Best selection SRCC so far and its epoch (for resume).
     pub best: Option<(usize, f64)>,
     pub train_config: TrainConfig,
+    /// Where it was trained (`cpu`, `cuda:0`); absent in checkpoints from before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// The frozen CLIP's precision during training; absent (= fp32, the only one then) in
+    /// checkpoints from before it was recorded. Resuming continues in the same precision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<Precision>,
+}
+
+impl CheckpointMeta {
+    /// The precision training ran in (fp32 for checkpoints that do not say).
+    pub fn trained_precision(&self) -> Precision {
+        self.precision.unwrap_or(Precision::Fp32)
+    }
 }
 
 /// Whether checkpoint `stem` (`run/last`) exists: its description file is the commit mark.
@@ -115,8 +130,20 @@ pub fn load_checkpoint(
     tokenizer: &ClipTokenizer,
     device: Device,
 ) -> Result<LoadedCheckpoint, TrainError> {
+    load_checkpoint_in(stem, clip, tokenizer, device, Precision::Fp32)
+}
+
+/// [`load_checkpoint`] with CLIP computing in `precision` (e.g. fp16 to evaluate on a GPU);
+/// the weights are checked against the checkpoint before the cast.
+pub fn load_checkpoint_in(
+    stem: &Path,
+    clip: Option<Clip>,
+    tokenizer: &ClipTokenizer,
+    device: Device,
+    precision: Precision,
+) -> Result<LoadedCheckpoint, TrainError> {
     let (tensors, meta) = load(stem)?;
-    let clip = match clip {
+    let mut clip = match clip {
         Some(clip) => clip,
         None => meta.clip_source.load(device)?,
     };
@@ -128,6 +155,7 @@ pub fn load_checkpoint(
             found,
         });
     }
+    clip.set_precision(precision);
     let mut model = AgiqaModel::new(clip, tokenizer, &meta.model)?;
     load_trainable(&mut model, &tensors)?;
     Ok(LoadedCheckpoint {
@@ -221,6 +249,8 @@ pub fn write_untrained(
         selected_on: "none".into(),
         best: None,
         train_config,
+        device: None,
+        precision: None,
     };
     let stem = dir.join("best");
     save(&stem, &trainable_tensors(&built), &meta)?;

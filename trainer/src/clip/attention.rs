@@ -7,6 +7,7 @@ use tch::nn::{self, Init};
 use tch::Tensor;
 
 use super::config::Activation;
+use super::norm::Fp32LayerNorm;
 
 /// Multi-head self-attention with packed q/k/v projections, batch-first.
 #[derive(Debug)]
@@ -93,9 +94,9 @@ pub fn quick_gelu(x: &Tensor) -> Tensor {
 /// One pre-LN block: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`.
 #[derive(Debug)]
 pub struct ResidualAttentionBlock {
-    ln_1: nn::LayerNorm,
+    ln_1: Fp32LayerNorm,
     attn: MultiheadSelfAttention,
-    ln_2: nn::LayerNorm,
+    ln_2: Fp32LayerNorm,
     mlp: Mlp,
 }
 
@@ -177,15 +178,16 @@ pub(crate) fn linear(p: nn::Path, in_dim: i64, out_dim: i64, stdev: f64) -> nn::
     nn::linear(p, in_dim, out_dim, config)
 }
 
-pub(crate) fn layer_norm(p: nn::Path, width: i64, eps: f64) -> nn::LayerNorm {
-    nn::layer_norm(
+/// Layer norm computed in fp32 (see `norm.rs`).
+pub(crate) fn layer_norm(p: nn::Path, width: i64, eps: f64) -> Fp32LayerNorm {
+    Fp32LayerNorm(nn::layer_norm(
         p,
         vec![width],
         nn::LayerNormConfig {
             eps,
             ..Default::default()
         },
-    )
+    ))
 }
 
 #[cfg(test)]

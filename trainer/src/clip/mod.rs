@@ -1,8 +1,10 @@
-//! OpenAI CLIP in tch, fp32 and frozen: a ViT or ModifiedResNet image tower, a causal text tower
-//! and the learned temperature, with parameters named exactly as in OpenAI's state dicts.
+//! OpenAI CLIP in tch, frozen: a ViT or ModifiedResNet image tower, a causal text tower and the
+//! learned temperature, with parameters named exactly as in OpenAI's state dicts. fp32 by
+//! default; [`Clip::set_precision`] casts it to fp16 or bf16 (norms stay fp32, as OpenAI's).
 
 pub mod attention;
 pub mod config;
+pub mod norm;
 pub mod resnet;
 pub mod source;
 pub mod text;
@@ -11,15 +13,18 @@ pub mod vision;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
+use std::sync::OnceLock;
 
+use sha2::{Digest, Sha256};
 use tch::nn::{self, Init};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 pub use self::config::{Activation, ClipConfig, ResNetConfig, TextConfig, VisionConfig, VitConfig};
 use self::resnet::ModifiedResNet;
 pub use self::source::ClipSource;
 use self::text::TextTransformer;
 use self::vision::VisionTransformer;
+use crate::precision::Precision;
 use crate::weights::hf::HfClipConfig;
 use crate::weights::{load_state_dict, Mismatch, StateDict, WeightsError};
 
@@ -34,6 +39,11 @@ pub struct Clip {
     text: TextTransformer,
     /// Stored as a log, as in OpenAI's checkpoints.
     logit_scale: Tensor,
+    /// The kind of the weights (norms excepted) and of the towers' activations.
+    precision: Precision,
+    /// SHA-256 of the weights as loaded (fp32), kept across precision casts so that a
+    /// checkpoint trained in fp16 still names the weights `eval` and the exporter load.
+    fingerprint: OnceLock<String>,
 }
 
 enum VisionTower {
@@ -137,6 +147,8 @@ impl Clip {
             visual,
             text,
             logit_scale,
+            precision: Precision::Fp32,
+            fingerprint: OnceLock::new(),
         })
     }
 
@@ -148,34 +160,106 @@ impl Clip {
         self.vars.device()
     }
 
-    /// `[N, 3, R, R]` f32 normalised pixels → `[N, E]` image features, not L2-normalised.
+    /// The precision the towers compute in.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Casts the weights to `precision`'s kind, except normalisation layers and the
+    /// temperature (see [`norm::stays_fp32`]): what OpenAI's `convert_weights` does for fp16.
+    /// The fp32 fingerprint is computed first and kept. Casting back to fp32 does not restore
+    /// the bits lost to a lower precision.
+    pub fn set_precision(&mut self, precision: Precision) {
+        if precision == self.precision {
+            return;
+        }
+        self.fingerprint();
+        self.cast_weights(precision);
+    }
+
+    fn cast_weights(&mut self, precision: Precision) {
+        tch::no_grad(|| {
+            for (name, mut var) in self.vars.variables() {
+                if var.is_floating_point() && !norm::stays_fp32(&name) {
+                    let cast = var.to_kind(precision.kind());
+                    var.set_data(&cast);
+                }
+            }
+        });
+        self.precision = precision;
+    }
+
+    /// SHA-256 over the tensors (names, shapes and fp32 bytes, in name order): the identity of
+    /// the frozen weights, whatever file format they came from. Computed once, before any
+    /// precision cast.
+    pub fn fingerprint(&self) -> String {
+        self.fingerprint
+            .get_or_init(|| {
+                let mut hasher = Sha256::new();
+                for (name, tensor) in self.named_tensors() {
+                    hasher.update(name.as_bytes());
+                    hasher.update(format!("{:?}", tensor.size()).as_bytes());
+                    let t = tensor
+                        .to_kind(Kind::Float)
+                        .to_device(Device::Cpu)
+                        .contiguous()
+                        .flatten(0, -1);
+                    let values: Vec<f32> = Vec::try_from(&t).unwrap_or_default();
+                    for chunk in values.chunks(1 << 16) {
+                        let bytes: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
+                        hasher.update(&bytes);
+                    }
+                }
+                hasher
+                    .finalize()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect()
+            })
+            .clone()
+    }
+
+    /// `[N, 3, R, R]` normalised pixels (any float kind) → `[N, E]` fp32 image features, not
+    /// L2-normalised. The pixels are cast to CLIP's precision at the boundary.
     ///
     /// # Panics
     /// When `R` differs from [`ClipConfig::image_resolution`].
     pub fn encode_image(&self, pixels: &Tensor) -> Tensor {
-        let pixels = pixels.to_device(self.device());
-        match &self.visual {
+        let pixels = pixels
+            .to_device(self.device())
+            .to_kind(self.precision.kind());
+        let features = match &self.visual {
             VisionTower::Vit(vit) => vit.forward(&pixels),
             VisionTower::ResNet(resnet) => resnet.forward(&pixels),
-        }
+        };
+        features.to_kind(Kind::Float)
     }
 
-    /// `[N, L]` i64 token ids (L ≤ context length, EOT the row's highest id) → `[N, E]` text
-    /// features, not L2-normalised.
+    /// `[N, L]` i64 token ids (L ≤ context length, EOT the row's highest id) → `[N, E]` fp32
+    /// text features, not L2-normalised.
     pub fn encode_text(&self, token_ids: &Tensor) -> Tensor {
-        self.text.forward(&token_ids.to_device(self.device()))
+        self.text
+            .forward(&token_ids.to_device(self.device()))
+            .to_kind(Kind::Float)
     }
 
-    /// `[N, L]` token ids → `[N, L, W]` token embeddings (no positional embedding yet).
+    /// `[N, L]` token ids → `[N, L, W]` token embeddings (no positional embedding yet), in
+    /// CLIP's precision.
     pub fn embed_tokens(&self, token_ids: &Tensor) -> Tensor {
         self.text.embed_tokens(&token_ids.to_device(self.device()))
     }
 
     /// `[N, L, W]` embedded prompts (as from [`Clip::embed_tokens`], possibly with learned
-    /// context spliced in) and `[N]` EOT positions → `[N, E]` text features.
+    /// context spliced in) and `[N]` EOT positions → `[N, E]` fp32 text features. An fp32
+    /// prompt (the learned context) is cast to CLIP's precision here, so gradients flow back
+    /// through the cast into the fp32 context.
     pub fn encode_text_embedded(&self, embedded: &Tensor, eot_positions: &Tensor) -> Tensor {
+        let embedded = embedded
+            .to_device(self.device())
+            .to_kind(self.precision.kind());
         self.text
-            .forward_embedded(&embedded.to_device(self.device()), eot_positions)
+            .forward_embedded(&embedded, eot_positions)
+            .to_kind(Kind::Float)
     }
 
     /// The softmax temperature's inverse, `exp(logit_scale)` (≈ 100 for trained models).
@@ -195,10 +279,16 @@ impl Clip {
         self.named_tensors().into_iter().collect()
     }
 
-    /// An independent copy on the same device (each trained model owns its frozen CLIP).
+    /// An independent copy on the same device, in the same precision, with the same
+    /// fingerprint (each trained model owns its frozen CLIP).
     pub fn clone_frozen(&self) -> Clip {
-        let copy = Self::build(&self.config, self.device())
+        let mut copy = Self::build(&self.config, self.device())
             .unwrap_or_else(|e| unreachable!("a built config stays valid: {e}"));
+        if let Some(fingerprint) = self.fingerprint.get() {
+            let _ = copy.fingerprint.set(fingerprint.clone());
+        }
+        // Cast before copying, so the copy receives the source's (already rounded) values.
+        copy.cast_weights(self.precision);
         let source = self.vars.variables();
         tch::no_grad(|| {
             for (name, mut var) in copy.vars.variables() {
@@ -318,6 +408,65 @@ mod tests {
         let features = clip.encode_text_embedded(&embedded, &Tensor::from_slice(&[3i64, 6]));
         features.sum(Kind::Float).backward();
         assert!(embedded.grad().abs().sum(Kind::Float).double_value(&[]) > 0.);
+    }
+
+    #[test]
+    fn lower_precisions_cast_all_but_norms_and_keep_the_fingerprint() {
+        let cosine = |a: &Tensor, b: &Tensor| {
+            let n = |t: &Tensor| t / t.norm_scalaropt_dim(2, [-1i64].as_slice(), true);
+            (n(a) * n(b))
+                .sum_dim_intlist(-1, false, Kind::Float)
+                .min()
+                .double_value(&[])
+        };
+        for config in [tiny_vit(), tiny_resnet()] {
+            let fp32 = Clip::random(&config, 4, Device::Cpu);
+            let r = config.image_resolution();
+            let pixels = Tensor::randn([2, 3, r, r], (Kind::Float, Device::Cpu));
+            let eot = Tensor::from_slice(&[3i64, 6]);
+            for (precision, min_cosine) in [(Precision::Fp16, 0.999), (Precision::Bf16, 0.99)] {
+                let mut clip = fp32.clone_frozen();
+                clip.set_precision(precision);
+                assert_eq!(clip.precision(), precision);
+                assert_eq!(clip.fingerprint(), fp32.fingerprint());
+                let (mut cast, mut kept) = (0, 0);
+                for (name, t) in clip.named_tensors() {
+                    if !t.is_floating_point() {
+                        continue;
+                    }
+                    if norm::stays_fp32(&name) {
+                        assert_eq!(t.kind(), Kind::Float, "{name}");
+                        kept += 1;
+                    } else {
+                        assert_eq!(t.kind(), precision.kind(), "{name}");
+                        cast += 1;
+                    }
+                }
+                assert!(cast > 10 && kept > 4, "{cast} cast, {kept} kept");
+                // A copy keeps the precision and the (rounded) values.
+                let copy = clip.clone_frozen();
+                assert_eq!(copy.precision(), precision);
+                assert!(copy
+                    .encode_image(&pixels)
+                    .equal(&clip.encode_image(&pixels)));
+                // fp32 at the boundary, close to the fp32 model.
+                let image = clip.encode_image(&pixels);
+                assert_eq!(image.kind(), Kind::Float);
+                let c = cosine(&image, &fp32.encode_image(&pixels));
+                assert!(c > min_cosine, "{precision} image cosine {c}");
+                let text = clip.encode_text(&ids());
+                let c = cosine(&text, &fp32.encode_text(&ids()));
+                assert!(c > min_cosine, "{precision} text cosine {c}");
+                // An fp32 prompt gets an fp32 gradient through the low-precision tower.
+                let embedded = fp32.embed_tokens(&ids()).detach().set_requires_grad(true);
+                let features = clip.encode_text_embedded(&embedded, &eot);
+                assert_eq!(features.kind(), Kind::Float);
+                features.sum(Kind::Float).backward();
+                let grad = embedded.grad();
+                assert_eq!(grad.kind(), Kind::Float);
+                assert!(grad.abs().sum(Kind::Float).double_value(&[]) > 0.);
+            }
+        }
     }
 
     #[test]

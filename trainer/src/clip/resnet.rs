@@ -9,6 +9,7 @@ use tch::Tensor;
 
 use super::attention::{linear, randn};
 use super::config::ResNetConfig;
+use super::norm::Fp32BatchNorm;
 
 /// Batch norm in eval mode (running statistics), as every CLIP checkpoint is used.
 const BATCH_NORM_EPS: f64 = 1e-5;
@@ -19,7 +20,7 @@ const EXPANSION: i64 = 4;
 /// Stem, four stages of bottlenecks, attention pooling.
 #[derive(Debug)]
 pub struct ModifiedResNet {
-    stem: [(nn::Conv2D, nn::BatchNorm); 3],
+    stem: [(nn::Conv2D, Fp32BatchNorm); 3],
     stages: Vec<Vec<Bottleneck>>,
     attnpool: AttentionPool2d,
 }
@@ -86,14 +87,14 @@ impl ModifiedResNet {
 #[derive(Debug)]
 pub struct Bottleneck {
     conv1: nn::Conv2D,
-    bn1: nn::BatchNorm,
+    bn1: Fp32BatchNorm,
     conv2: nn::Conv2D,
-    bn2: nn::BatchNorm,
+    bn2: Fp32BatchNorm,
     conv3: nn::Conv2D,
-    bn3: nn::BatchNorm,
+    bn3: Fp32BatchNorm,
     stride: i64,
     /// OpenAI's `downsample` Sequential: `-1` is the parameter-free AvgPool, then `0` conv, `1` bn.
-    downsample: Option<(nn::Conv2D, nn::BatchNorm)>,
+    downsample: Option<(nn::Conv2D, Fp32BatchNorm)>,
 }
 
 impl Bottleneck {
@@ -209,12 +210,13 @@ fn conv(p: nn::Path, in_dim: i64, out_dim: i64, kernel: i64, stride: i64) -> nn:
     nn::conv2d(p, in_dim, out_dim, kernel, config)
 }
 
-fn batch_norm(p: nn::Path, dim: i64, weight: f64) -> nn::BatchNorm {
+/// Batch norm computed in fp32 (see `norm.rs`).
+fn batch_norm(p: nn::Path, dim: i64, weight: f64) -> Fp32BatchNorm {
     let config = nn::BatchNormConfig {
         eps: BATCH_NORM_EPS,
         ws_init: Init::Const(weight),
         bs_init: Init::Const(0.),
         ..Default::default()
     };
-    nn::batch_norm2d(p, dim, config)
+    Fp32BatchNorm(nn::batch_norm2d(p, dim, config))
 }

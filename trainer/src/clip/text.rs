@@ -12,7 +12,7 @@ pub struct TextTransformer {
     token_embedding: nn::Embedding,
     positional_embedding: Tensor,
     transformer: Transformer,
-    ln_final: nn::LayerNorm,
+    ln_final: super::norm::Fp32LayerNorm,
     text_projection: Tensor,
 }
 

@@ -12,9 +12,9 @@ pub struct VisionTransformer {
     conv1: nn::Conv2D,
     class_embedding: Tensor,
     positional_embedding: Tensor,
-    ln_pre: nn::LayerNorm,
+    ln_pre: super::norm::Fp32LayerNorm,
     transformer: Transformer,
-    ln_post: nn::LayerNorm,
+    ln_post: super::norm::Fp32LayerNorm,
     proj: Tensor,
 }
 

@@ -9,6 +9,7 @@ use tch::Tensor;
 use super::{DatasetFeatures, TrainViews};
 use crate::config::TrainConfig;
 use crate::data::Dataset;
+use crate::device::catch_oom;
 use crate::error::TrainError;
 use crate::features::FeatureExtractor;
 use crate::model::AgiqaModel;
@@ -101,16 +102,20 @@ pub(crate) fn train_epoch(
         )?
         .to_device(device);
         let target: Vec<f32> = batch.iter().map(|&i| inputs.mos[i] as f32).collect();
-        let loss = model.loss(&image, &Tensor::from_slice(&target), true)?;
-        let value = f64::try_from(&loss)?;
-        if !value.is_finite() {
-            return Err(TrainError::Diverged {
-                epoch: epoch + 1,
-                loss: value,
-                lr,
-            });
-        }
-        optimizer.step(model, &loss, lr, &config.optimizer)?;
+        // The text tower's backward (through the context) is where a step allocates most.
+        let value = catch_oom(device, batch.len(), || -> Result<f64, TrainError> {
+            let loss = model.loss(&image, &Tensor::from_slice(&target), true)?;
+            let value = f64::try_from(&loss)?;
+            if !value.is_finite() {
+                return Err(TrainError::Diverged {
+                    epoch: epoch + 1,
+                    loss: value,
+                    lr,
+                });
+            }
+            optimizer.step(model, &loss, lr, &config.optimizer)?;
+            Ok(value)
+        })??;
         loss_sum += value * batch.len() as f64;
         count += batch.len();
     }

@@ -4,7 +4,13 @@
 //!
 //! Determinism: every epoch's data order, sampled augmented view and dropout masks derive from
 //! `(seed, epoch)` alone, and the optimiser state (momentum or Adam moments) is checkpointed, so a
-//! run resumed after a kill ends exactly where the uninterrupted run ends (CPU).
+//! run resumed after a kill ends exactly where the uninterrupted run ends (CPU, in every
+//! precision). On CUDA, libtorch's kernels are not all deterministic (atomics in backward,
+//! cuBLAS split-K): there a resumed run matches within a tolerance, not bit for bit.
+//!
+//! Device and precision: CLIP arrives on its device, already cast to the run's precision
+//! ([`TrainConfig::precision_on`]; main does it); the checkpoints and `summary.json` record
+//! both, and resuming in another precision is refused.
 
 mod epoch;
 mod log;
@@ -27,6 +33,7 @@ use crate::clip::{Clip, ClipSource};
 use crate::config::TrainConfig;
 use crate::data::split::splits_for;
 use crate::data::{Dataset, Split};
+use crate::device::device_name;
 use crate::error::{write_err, TrainError};
 use crate::evaluate::evaluate_features;
 use crate::features::{clip_fingerprint, FeatureError, FeatureExtractor, ViewSpec};
@@ -124,14 +131,15 @@ impl TrainJob<'_> {
             .collect();
         let cache = self.config.feature_cache.as_deref();
         let bar = self.progress(paths.len() as u64, "test view");
-        let center = FeatureExtractor::new(
+        let mut extractor = FeatureExtractor::new(
             self.clip,
             fingerprint,
             self.preprocessing(),
             ViewSpec::Center,
             cache,
-        )
-        .extract(&paths, &mut |n| bar.set_position(n as u64))?;
+        );
+        extractor.batch_size = self.config.batch_size;
+        let center = extractor.extract(&paths, &mut |n| bar.set_position(n as u64))?;
         bar.finish();
         let spec = ViewSpec::Augmented {
             views: self.config.augmentation.views,
@@ -142,14 +150,15 @@ impl TrainJob<'_> {
             (false, _) => TrainViews::Cached(center.shallow_clone()),
             (true, Some(_)) => {
                 let bar = self.progress(paths.len() as u64, "train views");
-                let views = FeatureExtractor::new(
+                let mut extractor = FeatureExtractor::new(
                     self.clip,
                     fingerprint,
                     self.preprocessing(),
                     spec,
                     cache,
-                )
-                .extract(&paths, &mut |n| bar.set_position(n as u64))?;
+                );
+                extractor.batch_size = self.config.batch_size;
+                let views = extractor.extract(&paths, &mut |n| bar.set_position(n as u64))?;
                 bar.finish();
                 TrainViews::Cached(views)
             }
@@ -179,6 +188,15 @@ impl TrainJob<'_> {
         self.config
             .validate()
             .map_err(|e| TrainError::Invalid(e.to_string()))?;
+        let expected = self.config.precision_on(self.clip.device())?;
+        if self.clip.precision() != expected {
+            return Err(TrainError::Invalid(format!(
+                "CLIP computes in {} but the configuration asks for {expected} on {}; cast it \
+                 with Clip::set_precision first",
+                self.clip.precision(),
+                device_name(self.clip.device())
+            )));
+        }
         std::fs::create_dir_all(&self.out_dir).map_err(write_err(&self.out_dir))?;
         let config_path = self.out_dir.join("config.toml");
         write_atomic(&config_path, self.config.to_toml().as_bytes())
@@ -231,6 +249,8 @@ impl TrainJob<'_> {
             selected_on: selection_name(split).into(),
             best,
             train_config: self.config.clone(),
+            device: Some(device_name(self.clip.device())),
+            precision: Some(self.clip.precision()),
         }
     }
 
@@ -294,10 +314,37 @@ impl TrainJob<'_> {
             ));
         }
         let (tensors, meta) = checkpoint::load(&last)?;
-        if meta.train_config != self.config {
+        let here = device_name(self.clip.device());
+        let there = meta
+            .device
+            .clone()
+            .unwrap_or_else(|| "an unrecorded device".into());
+        if meta.trained_precision() != self.clip.precision() {
+            return Err(refuse(&format!(
+                "it was trained with CLIP in {} on {there}, this run computes in {} on {here}; \
+                 pass --precision {} to continue it as it started",
+                meta.trained_precision(),
+                self.clip.precision(),
+                meta.trained_precision()
+            )));
+        }
+        if !self.config.same_training(&meta.train_config) {
             return Err(refuse(
                 "its config.toml differs from this run's configuration",
             ));
+        }
+        let kind = |name: &str| name.split(':').next().unwrap_or(name).to_string();
+        if meta
+            .device
+            .as_deref()
+            .is_some_and(|d| kind(d) != kind(&here))
+        {
+            eprintln!(
+                "warning: resuming a run trained on {there} on {here} in {}: it continues, but \
+                 ends where an uninterrupted run would only within {} rounding",
+                self.clip.precision(),
+                self.clip.precision()
+            );
         }
         if meta.clip_sha256 != fingerprint {
             return Err(refuse("it was trained with different CLIP weights"));
@@ -332,13 +379,17 @@ impl TrainJob<'_> {
         let bar = self.progress(epochs as u64, "epochs");
         bar.set_position(start_epoch as u64);
         let encoder = match &features.train {
-            TrainViews::Encoded { spec, .. } => Some(FeatureExtractor::new(
-                self.clip,
-                fingerprint,
-                self.preprocessing(),
-                spec.clone(),
-                None,
-            )),
+            TrainViews::Encoded { spec, .. } => {
+                let mut encoder = FeatureExtractor::new(
+                    self.clip,
+                    fingerprint,
+                    self.preprocessing(),
+                    spec.clone(),
+                    None,
+                );
+                encoder.batch_size = config.batch_size;
+                Some(encoder)
+            }
             TrainViews::Cached(_) => None,
         };
         let inputs = EpochInputs {

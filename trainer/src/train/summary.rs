@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use super::TrainJob;
 use crate::data::Split;
+use crate::device::device_name;
 use crate::model::Variant;
+use crate::precision::Precision;
 
 /// Result of one split.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -29,6 +31,11 @@ pub struct RunSummary {
     pub dimension: String,
     pub clip: String,
     pub variant: Variant,
+    /// Where CLIP ran (`cpu`, `cuda:0`) and in which precision (context and head: fp32).
+    #[serde(default)]
+    pub device: String,
+    #[serde(default)]
+    pub precision: Precision,
     pub splits: Vec<SplitResult>,
     /// `(mean, std)` of PLCC, SRCC, KRCC, logistic PLCC over splits.
     pub mean_std: [(f64, f64); 4],
@@ -75,6 +82,8 @@ pub(crate) fn summarise(job: &TrainJob<'_>, splits: Vec<SplitResult>) -> RunSumm
             job.clip_source.describe()
         ),
         variant: job.config.model.variant,
+        device: device_name(job.clip.device()),
+        precision: job.clip.precision(),
         mean_std: [
             stat(&|c| c.plcc),
             stat(&|c| c.srcc),
@@ -89,8 +98,8 @@ impl std::fmt::Display for RunSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "{} / {} — CLIP {} — variant {:?}",
-            self.dataset, self.dimension, self.clip, self.variant
+            "{} / {} — CLIP {} — variant {:?} — {} {}",
+            self.dataset, self.dimension, self.clip, self.variant, self.device, self.precision
         )?;
         writeln!(
             f,

@@ -5,12 +5,13 @@
 
 use std::path::{Path, PathBuf};
 
-use agiqa_trainer::checkpoint::{load_checkpoint, LoadedCheckpoint};
+use agiqa_trainer::checkpoint::{load_checkpoint_in, LoadedCheckpoint};
 use agiqa_trainer::clip::{Clip, ClipConfig, ClipSource};
 use agiqa_trainer::config::TrainOverrides;
 use agiqa_trainer::data::{load_dataset, Dataset, DatasetSpec, LoadOptions};
 use agiqa_trainer::device::device_from;
 use agiqa_trainer::model::Variant;
+use agiqa_trainer::precision::Precision;
 use agiqa_trainer::tokenizer::ClipTokenizer;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -48,6 +49,16 @@ pub(crate) enum Command {
     /// Write an untrained checkpoint (learned parts at their initialisation), to export,
     /// benchmark or check an architecture before training, e.g. `--random ViT-B/16`.
     Init(InitArgs),
+    /// What this libtorch can run on: library path and version, CUDA (or why not), GPUs
+    /// (name, compute capability, memory), cuDNN, and the precisions that work.
+    Doctor(DoctorArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct DoctorArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 #[derive(Args)]
@@ -109,15 +120,28 @@ impl ClipArgs {
         })
     }
 
-    /// Loads a checkpoint with the CLIP given here, or else the one it records.
-    pub(crate) fn checkpoint(&self, stem: &Path, device: &str) -> anyhow::Result<LoadedCheckpoint> {
+    /// Loads a checkpoint with the CLIP given here, or else the one it records, computing in
+    /// `precision` (default: the device's).
+    pub(crate) fn checkpoint(
+        &self,
+        stem: &Path,
+        device: &str,
+        precision: Option<Precision>,
+    ) -> anyhow::Result<LoadedCheckpoint> {
         let device = device_from(device)?;
+        let precision = Precision::resolve(precision, device)?;
         let clip = match self.source()? {
             Some(_) => Some(self.load(device)?),
             None => None,
         };
-        load_checkpoint(stem, clip, &self.tokenizer()?, device)
-            .with_context(|| format!("cannot load checkpoint {}", stem.display()))
+        let loaded = load_checkpoint_in(stem, clip, &self.tokenizer()?, device, precision)
+            .with_context(|| format!("cannot load checkpoint {}", stem.display()))?;
+        eprintln!(
+            "CLIP {} on {} in {precision}",
+            loaded.meta.clip_name,
+            agiqa_trainer::device::device_name(device)
+        );
+        Ok(loaded)
     }
 }
 
@@ -177,8 +201,9 @@ pub(crate) struct TrainArgs {
     pub(crate) resume: bool,
     #[command(flatten)]
     pub(crate) overrides: TrainOverrides,
-    /// Stop after this many epochs in this process (exit status 0; the run can be resumed).
-    #[arg(long, hide = true, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Stop after this many epochs in this process (exit status 0), leaving `last` to
+    /// continue with --resume: a kill at an epoch boundary, for checking resumption.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) stop_after_epochs: Option<u32>,
 }
 
@@ -200,6 +225,9 @@ pub(crate) struct EvalArgs {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     pub(crate) device: String,
+    /// Precision of the frozen CLIP (default: fp16 on CUDA, fp32 on CPU).
+    #[arg(long, value_enum)]
+    pub(crate) precision: Option<Precision>,
 }
 
 #[derive(Args)]
@@ -215,6 +243,9 @@ pub(crate) struct PredictArgs {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     pub(crate) device: String,
+    /// Precision of the frozen CLIP (default: fp16 on CUDA, fp32 on CPU).
+    #[arg(long, value_enum)]
+    pub(crate) precision: Option<Precision>,
 }
 
 #[derive(Args)]

@@ -7,7 +7,8 @@ use agiqa_trainer::config::TrainConfig;
 use agiqa_trainer::data::synthetic_dataset::{
     parse_kinds, write_agiqa3k_like, write_aigciqa2023_like, SynthOptions,
 };
-use agiqa_trainer::device::device_from;
+use agiqa_trainer::device::{device_from, device_name};
+use agiqa_trainer::doctor::device_report;
 use agiqa_trainer::evaluate::{evaluate_dataset, predict_files, write_eval_outputs};
 use agiqa_trainer::inspect::embedding_report;
 use agiqa_trainer::model::{parse_categories, ModelConfig};
@@ -16,7 +17,8 @@ use agiqa_trainer::train::{RunOutcome, TrainJob};
 use agiqa_trainer::workers::init_worker_pool;
 use anyhow::{bail, Context};
 use args::{
-    Cli, Command, EmbedArgs, EvalArgs, InitArgs, PredictArgs, SynthArgs, SynthFormat, TrainArgs,
+    Cli, Command, DoctorArgs, EmbedArgs, EvalArgs, InitArgs, PredictArgs, SynthArgs, SynthFormat,
+    TrainArgs,
 };
 use clap::Parser;
 
@@ -35,16 +37,32 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Init(args) => init(args),
+        Command::Doctor(args) => doctor(args),
     }
+}
+
+fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
+    let report = device_report();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{report}");
+    }
+    Ok(())
 }
 
 fn train(args: TrainArgs) -> anyhow::Result<()> {
     let config = TrainConfig::resolve(args.config.as_deref(), &args.overrides)?;
     let device = device_from(&config.device)?;
+    let precision = config.precision_on(device)?;
     let dataset = args.data.load()?;
-    let clip = args.clip.load(device)?;
+    let mut clip = args.clip.load(device)?;
+    clip.set_precision(precision);
     let (name, out) = (clip.config().name(), args.out.display());
-    eprintln!("CLIP {name} on {device:?}; writing to {out}");
+    eprintln!(
+        "CLIP {name} on {} in {precision} (context, head and optimiser in fp32); writing to {out}",
+        device_name(device)
+    );
     let job = TrainJob {
         clip: &clip,
         clip_source: args.clip.required_source()?,
@@ -67,7 +85,9 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
 }
 
 fn eval(args: EvalArgs) -> anyhow::Result<()> {
-    let loaded = args.clip.checkpoint(&args.checkpoint, &args.device)?;
+    let loaded = args
+        .clip
+        .checkpoint(&args.checkpoint, &args.device, args.precision)?;
     let dataset = args.data.load()?;
     let report = evaluate_dataset(&loaded, &dataset, args.cache_dir.as_deref())?;
     print!("{report}");
@@ -79,7 +99,9 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
 }
 
 fn predict(args: PredictArgs) -> anyhow::Result<()> {
-    let loaded = args.clip.checkpoint(&args.checkpoint, &args.device)?;
+    let loaded = args
+        .clip
+        .checkpoint(&args.checkpoint, &args.device, args.precision)?;
     let mut failed = 0;
     println!("path,{}", loaded.meta.dimension);
     for (path, result) in args.images.iter().zip(predict_files(&loaded, &args.images)) {
