@@ -268,6 +268,15 @@ fn main() -> anyhow::Result<()> {
                 .collect::<Vec<_>>()
                 .join("; ")
         );
+        if report.backbone.starts_with("RN") || report.backbone.ends_with("-rn") {
+            // Measured (docs/RESULTS.md): ONNX Runtime CPU has no fused kernel for these Conv
+            // forms, so the int8 ResNet pays quantisation around every Conv and gains nothing.
+            eprintln!(
+                "warning: a ModifiedResNet in int8 runs slower than in fp32 on ONNX Runtime CPU \
+                 (RN50 measured at 0.14x (dynamic) and 0.43x (static) of fp32): export fp32 for \
+                 CPU scoring"
+            );
+        }
         if let Some(c) = &q.calibration {
             println!(
                 "calibrated on {} images ({}), {}",
