@@ -23,8 +23,6 @@ pub mod tiff_decode;
 pub mod batch_io;
 #[cfg(feature = "pipeline")]
 pub mod bench;
-#[cfg(feature = "pipeline")]
-pub mod gpu_memory;
 #[cfg(feature = "doctor")]
 pub mod doctor;
 #[cfg(feature = "doctor")]
@@ -33,6 +31,8 @@ pub mod elf_deps;
 pub mod gpu_devices;
 #[cfg(feature = "scorer")]
 pub mod gpu_libraries;
+#[cfg(feature = "pipeline")]
+pub mod gpu_memory;
 #[cfg(feature = "doctor")]
 pub mod node_placement;
 #[cfg(feature = "scorer")]
