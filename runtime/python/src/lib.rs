@@ -396,7 +396,8 @@ impl ScoreStream {
     }
 
     /// The next finished image; waits with the GIL released and checks for Ctrl-C (or any
-    /// pending signal) every 100 ms, stopping the pipeline when a handler raises.
+    /// pending signal) after every result and every 100 ms, stopping the pipeline when a
+    /// handler raises.
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<(usize, Py<PyDict>)>> {
         loop {
             let received = py.detach(|| {
@@ -407,6 +408,14 @@ impl ScoreStream {
                     Err(RecvTimeoutError::Disconnected) => Err(()),
                 }
             });
+            // Also between results: `list(stream)` pulls them from C without running the
+            // interpreter loop, so a Ctrl-C would wait for the whole run if only a quiet
+            // pipeline (the timeout below) checked. The check is a flag read when no signal
+            // is pending.
+            if let Err(e) = py.check_signals() {
+                self.stop.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
             match received {
                 Ok(Some(Ok((index, path, result)))) => {
                     let item = PyDict::new(py);
