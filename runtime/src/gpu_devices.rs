@@ -27,37 +27,10 @@ const QUERY: &str = "--query-gpu=index,name,driver_version,compute_cap,memory.to
 /// Asks `nvidia-smi` (on `PATH`, or the driver's usual folder).
 pub fn query() -> GpuReport {
     let cuda_visible_devices = std::env::var("CUDA_VISIBLE_DEVICES").ok();
-    let output = [
-        "nvidia-smi",
-        "/usr/bin/nvidia-smi",
-        "/usr/local/nvidia/bin/nvidia-smi",
-    ]
-    .iter()
-    .find_map(|cmd| {
-        std::process::Command::new(cmd)
-            .args([QUERY, "--format=csv,noheader,nounits"])
-            .output()
-            .ok()
-    });
-    let (gpus, problem) = match output {
-        None => (
-            Vec::new(),
-            Some("no NVIDIA driver found: nvidia-smi is not installed".to_string()),
-        ),
-        Some(out) if !out.status.success() => (
-            Vec::new(),
-            Some(format!(
-                "the NVIDIA driver does not answer: nvidia-smi: {}",
-                String::from_utf8_lossy(&out.stdout)
-                    .trim()
-                    .lines()
-                    .chain(String::from_utf8_lossy(&out.stderr).trim().lines())
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            )),
-        ),
-        Some(out) => {
-            let gpus = parse(&String::from_utf8_lossy(&out.stdout));
+    let (gpus, problem) = match crate::nvidia_smi::run(&[QUERY, "--format=csv,noheader,nounits"]) {
+        Err(e) => (Vec::new(), Some(e.to_string())),
+        Ok(text) => {
+            let gpus = parse(&text);
             let problem = gpus
                 .is_empty()
                 .then(|| "nvidia-smi lists no GPU".to_string());

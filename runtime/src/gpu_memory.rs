@@ -3,24 +3,14 @@
 //! arena does not report its size through the C API, and the driver's figure is also what an
 //! operator sees.
 
-use std::process::Command;
-
 /// Memory this process holds on every GPU, in MiB, or why it is unknown.
 pub fn used_by_this_process() -> Result<u64, String> {
-    let output = Command::new("nvidia-smi")
-        .args([
-            "--query-compute-apps=pid,used_memory",
-            "--format=csv,noheader,nounits",
-        ])
-        .output()
-        .map_err(|e| format!("nvidia-smi could not run: {e}"))?;
-    if !output.status.success() {
-        return Err(format!(
-            "nvidia-smi failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
-    }
-    used_by(&String::from_utf8_lossy(&output.stdout), std::process::id())
+    let csv = crate::nvidia_smi::run(&[
+        "--query-compute-apps=pid,used_memory",
+        "--format=csv,noheader,nounits",
+    ])
+    .map_err(|e| e.to_string())?;
+    used_by(&csv, std::process::id())
         .ok_or_else(|| "nvidia-smi lists no GPU memory for this process".to_string())
 }
 

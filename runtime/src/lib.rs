@@ -36,6 +36,8 @@ pub mod gpu_memory;
 #[cfg(feature = "doctor")]
 pub mod node_placement;
 #[cfg(feature = "scorer")]
+pub mod nvidia_smi;
+#[cfg(feature = "scorer")]
 pub mod onnxruntime;
 #[cfg(feature = "pipeline")]
 pub mod pipeline;

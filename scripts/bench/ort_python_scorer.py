@@ -24,6 +24,7 @@ import onnx_weights  # noqa: E402
 
 try:
     from PIL import Image
+    import clip_pil
 except ImportError:
     Image = None
 
@@ -36,16 +37,8 @@ def _init(pre):
 
 
 def preprocess(path):
-    s = PRE["image_size"]
     with Image.open(path) as image:
-        image = image.convert("RGB")
-        w, h = image.size
-        size = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
-        image = image.resize(size, Image.BICUBIC)
-        left, top = int(round((size[0] - s) / 2.0)), int(round((size[1] - s) / 2.0))
-        x = np.asarray(image.crop((left, top, left + s, top + s)), dtype=np.float32) / 255.0
-    x = (x - np.array(PRE["mean"], np.float32)) / np.array(PRE["std"], np.float32)
-    return x.transpose(2, 0, 1)
+        return clip_pil.preprocess(image.convert("RGB"), PRE)
 
 
 def synthetic(shape, uint8):

@@ -28,6 +28,7 @@ import onnx_weights  # noqa: E402
 
 try:  # End to end needs PIL; torchvision is used when present, as the reference code does.
     from PIL import Image
+    import clip_pil
 except ImportError:
     Image = None
 try:
@@ -154,28 +155,18 @@ class Transform:
     installed, else the same operations on PIL directly (torchvision calls PIL's resize too)."""
 
     def __init__(self, pre):
-        self.size, self.mean, self.std = pre["image_size"], pre["mean"], pre["std"]
+        self.pre, size = pre, pre["image_size"]
         if T is not None:
             self.torchvision = T.Compose([
-                T.Resize(self.size, interpolation=T.InterpolationMode.BICUBIC),
-                T.CenterCrop(self.size), T.ToTensor(), T.Normalize(self.mean, self.std)])
+                T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+                T.CenterCrop(size), T.ToTensor(), T.Normalize(pre["mean"], pre["std"])])
         else:
             self.torchvision = None
 
     def __call__(self, image):
         if self.torchvision is not None:
             return self.torchvision(image)
-        w, h = image.size
-        s = self.size
-        # torchvision's Resize: the short side to s, the long side truncated.
-        size = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
-        image = image.resize(size, Image.BICUBIC)
-        left, top = int(round((size[0] - s) / 2.0)), int(round((size[1] - s) / 2.0))
-        image = image.crop((left, top, left + s, top + s))
-        x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(s, s, 3)
-        x = x.permute(2, 0, 1).float() / 255.0
-        mean, std = torch.tensor(self.mean).view(3, 1, 1), torch.tensor(self.std).view(3, 1, 1)
-        return (x - mean) / std
+        return torch.from_numpy(clip_pil.preprocess(image, self.pre))
 
 
 class Images(torch.utils.data.Dataset):

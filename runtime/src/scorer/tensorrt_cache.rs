@@ -206,17 +206,15 @@ pub fn gpu_identity(device_id: i32) -> Option<String> {
             .to_string(),
         _ => device_id.to_string(),
     };
-    let output = std::process::Command::new("nvidia-smi")
-        .args([
-            "--query-gpu=name,compute_cap",
-            "--format=csv,noheader",
-            "-i",
-            &physical,
-        ])
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&output.stdout).trim().to_string();
-    (output.status.success() && !text.is_empty()).then_some(text)
+    let text = crate::nvidia_smi::run(&[
+        "--query-gpu=name,compute_cap",
+        "--format=csv,noheader",
+        "-i",
+        &physical,
+    ])
+    .ok()?;
+    let text = text.trim();
+    (!text.is_empty()).then(|| text.to_string())
 }
 
 #[cfg(test)]
